@@ -1,0 +1,446 @@
+"""Image classification data for the vision SWA recipes, through ``datasets``.
+
+Two sources go through the same code:
+
+* ``dataset_name="digits"`` (default): scikit-learn's bundled 8x8 digits, fully
+  offline, split 70/30 with stratification.
+* anything else: ``datasets.load_dataset(dataset_name)``, i.e. a hub id such as
+  ``"uoft-cs/cifar10"`` / ``"uoft-cs/cifar100"`` or a local directory laid out like
+  a hub dataset (``data/train-*.parquet``, ``data/test-*.parquet``).
+
+``load_vision_data`` validates splits/columns/label counts up front, optionally
+injects symmetric label noise into the train split, and attaches on-the-fly
+transforms so each row is ``{"pixel_values": float32 (C, H, W), "labels": int64}``.
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import datasets
+import numpy as np
+import torch
+
+__all__ = [
+    "VisionDataArguments",
+    "VisionData",
+    "load_digits_dataset",
+    "load_vision_data",
+    "CIFAR_STATS",
+]
+
+DIGITS_NAME = "digits"
+
+# Well-known per-channel statistics of the CIFAR training sets (pixel values in [0, 1]).
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+_IMAGE_COLUMN_CANDIDATES = ("img", "image")
+_LABEL_COLUMN_CANDIDATES = ("label", "fine_label")
+# Cap on rows decoded to estimate normalisation statistics on large datasets.
+_MAX_STATS_ROWS = 10_000
+
+
+@dataclass
+class VisionDataArguments:
+    """Which image dataset to load and how to prepare it."""
+
+    dataset_name: str = field(
+        default=DIGITS_NAME,
+        metadata={
+            "help": "'digits' (offline scikit-learn 8x8 digits) or anything datasets.load_dataset accepts: "
+            "a hub id such as 'uoft-cs/cifar10' or a local dataset directory."
+        },
+    )
+    image_column: Optional[str] = field(
+        default=None, metadata={"help": "Image column; default: auto-detect 'img' or 'image'."}
+    )
+    label_column: Optional[str] = field(
+        default=None, metadata={"help": "Label column; default: 'label', else 'fine_label' (CIFAR-100)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    eval_split: str = field(
+        default="test", metadata={"help": "Split(s) used for evaluation; comma-separated for several."}
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of TRAIN labels replaced by a uniformly random different class (symmetric noise). "
+            "Eval splits stay clean."
+        },
+    )
+    label_noise_seed: int = field(default=0, metadata={"help": "Seed for choosing and corrupting noisy labels."})
+    augment: bool = field(
+        default=False,
+        metadata={"help": "Standard CIFAR augmentation on the train split: zero-padded random crop + horizontal flip."},
+    )
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only the first N train rows (for quick runs)."}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only the first N rows of each eval split."}
+    )
+    num_labels: Optional[int] = field(
+        default=None, metadata={"help": "Expected number of classes; loading fails if the dataset disagrees."}
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset_name, str) or not self.dataset_name.strip():
+            raise ValueError(f"dataset_name: must be a non-empty string, got {self.dataset_name!r}")
+        for name in ("image_column", "label_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name}: must be a non-empty string or None, got {value!r}")
+        if not isinstance(self.train_split, str) or not self.train_split.strip():
+            raise ValueError(f"train_split: must be a non-empty string, got {self.train_split!r}")
+        if not isinstance(self.eval_split, str) or not self.eval_splits:
+            raise ValueError(f"eval_split: must name at least one split, got {self.eval_split!r}")
+        if isinstance(self.label_noise, bool) or not isinstance(self.label_noise, (int, float)):
+            raise ValueError(f"label_noise: must be a number in [0, 1), got {self.label_noise!r}")
+        if not (0.0 <= float(self.label_noise) < 1.0) or math.isnan(float(self.label_noise)):
+            raise ValueError(f"label_noise: must be in [0, 1), got {self.label_noise}")
+        if isinstance(self.label_noise_seed, bool) or not isinstance(self.label_noise_seed, int):
+            raise ValueError(f"label_noise_seed: must be an integer, got {self.label_noise_seed!r}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: must be a positive integer or None, got {value!r}")
+        if self.num_labels is not None and (
+            isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 2
+        ):
+            raise ValueError(f"num_labels: must be an integer >= 2 or None, got {self.num_labels!r}")
+
+    @property
+    def eval_splits(self) -> list[str]:
+        """The eval split names, parsed from the comma-separated ``eval_split``."""
+        return [s.strip() for s in str(self.eval_split).split(",") if s.strip()]
+
+
+@dataclass
+class VisionData:
+    """Prepared datasets plus the metadata a model needs.
+
+    Attributes:
+        train: Train split; rows are ``{"pixel_values", "labels"}`` tensors.
+        evals: Eval splits keyed by split name (e.g. ``"test"``), same row format.
+        label_names: Class names, index = label id.
+        in_channels: Number of image channels (1 for digits, 3 for CIFAR).
+        image_size: Image height (= width) in pixels.
+        noisy_indices: Train row indices whose label was corrupted (sorted).
+        mean: Per-channel normalisation mean (in [0, 1] pixel units).
+        std: Per-channel normalisation std.
+    """
+
+    train: datasets.Dataset
+    evals: dict[str, datasets.Dataset]
+    label_names: list[str]
+    in_channels: int
+    image_size: int
+    noisy_indices: list[int] = field(default_factory=list)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+
+# --------------------------------------------------------------------------------------
+# Digits
+# --------------------------------------------------------------------------------------
+
+
+def load_digits_dataset(seed: int = 0) -> datasets.DatasetDict:
+    """Scikit-learn's bundled 8x8 digits as a ``DatasetDict``.
+
+    The 1,797 images are split 70/30 (stratified by class, fixed ``seed``) into
+    ``"train"`` and ``"test"``.
+
+    Args:
+        seed: Random state of the stratified split.
+
+    Returns:
+        A ``DatasetDict`` with columns ``image`` (8x8 float32 array, values 0..16)
+        and ``label`` (``ClassLabel`` with names ``"0"``..``"9"``).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32)
+    labels = bunch.target.astype(np.int64)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(labels)), test_size=0.3, random_state=seed, stratify=labels
+    )
+    features = datasets.Features(
+        {
+            "image": datasets.Array2D(shape=(8, 8), dtype="float32"),
+            "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
+        }
+    )
+
+    def build(idx: np.ndarray) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"image": [images[i] for i in idx], "label": [int(labels[i]) for i in idx]}, features=features
+        )
+
+    return datasets.DatasetDict({"train": build(idx_train), "test": build(idx_test)})
+
+
+# --------------------------------------------------------------------------------------
+# Image conversion and transforms
+# --------------------------------------------------------------------------------------
+
+
+def _to_hwc_array(image: Any) -> np.ndarray:
+    """Convert one stored image (PIL, array, or nested list) to an (H, W, C) float32 array of raw values."""
+    if hasattr(image, "mode") and hasattr(image, "convert"):  # PIL image, no hard PIL import needed
+        if image.mode not in ("L", "RGB"):
+            # Palette/alpha/16-bit images are normalised to the two layouts we handle.
+            image = image.convert("L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
+        arr = np.asarray(image, dtype=np.float32)
+    else:
+        arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    elif arr.ndim != 3:
+        raise ValueError(f"image_column: expected 2D or 3D images, got an array of shape {arr.shape}")
+    return arr
+
+
+class _ImageTransform:
+    """Batch transform for ``Dataset.with_transform`` (a class, so it pickles for DataLoader workers)."""
+
+    def __init__(
+        self,
+        image_column: str,
+        label_column: str,
+        scale: float,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool,
+        pad: int,
+    ):
+        self.image_column = image_column
+        self.label_column = label_column
+        self.scale = float(scale)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment = augment
+        self.pad = pad
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        # torch RNG (not numpy's global one) so DataLoader workers get distinct,
+        # seedable streams.
+        _, h, w = x.shape
+        p = self.pad
+        padded = torch.zeros((x.shape[0], h + 2 * p, w + 2 * p), dtype=x.dtype)
+        padded[:, p : p + h, p : p + w] = x
+        top = int(torch.randint(0, 2 * p + 1, (1,)))
+        left = int(torch.randint(0, 2 * p + 1, (1,)))
+        x = padded[:, top : top + h, left : left + w]
+        if bool(torch.rand(1) < 0.5):
+            x = torch.flip(x, dims=[2])
+        return x
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
+        pixels = []
+        for image in batch[self.image_column]:
+            x = torch.from_numpy(np.ascontiguousarray(_to_hwc_array(image).transpose(2, 0, 1)))
+            x = x / self.scale
+            if self.augment:
+                # Pad with zeros in raw pixel space (black border), as torchvision's
+                # RandomCrop(padding=4) does before normalisation.
+                x = self._augment(x)
+            pixels.append((x - self.mean) / self.std)
+        labels = torch.as_tensor(np.asarray(batch[self.label_column], dtype=np.int64))
+        return {"pixel_values": torch.stack(pixels).to(torch.float32), "labels": labels}
+
+
+# --------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------
+
+
+def _available(names) -> str:
+    return ", ".join(sorted(names)) or "(none)"
+
+
+def _resolve_column(
+    arg_name: str, requested: Optional[str], candidates: tuple[str, ...], columns: list[str], dataset_name: str
+) -> str:
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"{arg_name}: column {requested!r} not in dataset; available: {_available(columns)}")
+        return requested
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise ValueError(
+        f"{arg_name}: could not auto-detect a column (tried {', '.join(map(repr, candidates))}) in dataset "
+        f"{dataset_name!r}; available: {_available(columns)}"
+    )
+
+
+def _label_names(splits: dict[str, datasets.Dataset], label_column: str) -> list[str]:
+    feature = splits[next(iter(splits))].features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    # Plain integer labels: assume ids 0..max over all splits.
+    max_label = -1
+    for ds in splits.values():
+        values = np.asarray(ds.data.column(label_column).to_numpy(zero_copy_only=False))
+        if values.size:
+            if not np.issubdtype(values.dtype, np.integer) or values.min() < 0:
+                raise ValueError(
+                    f"label_column: column {label_column!r} must hold non-negative integer class ids "
+                    f"(or be a ClassLabel), got dtype {values.dtype}"
+                )
+            max_label = max(max_label, int(values.max()))
+    return [str(i) for i in range(max_label + 1)]
+
+
+def _known_cifar_stats(dataset_name: str, in_channels: int, image_size: int):
+    key = os.path.basename(dataset_name.rstrip("/")).lower().replace("-", "")
+    if key in CIFAR_STATS and in_channels == 3 and image_size == 32:
+        return CIFAR_STATS[key]
+    return None
+
+
+def _compute_stats(
+    ds: datasets.Dataset, image_column: str, scale: float, in_channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of ``ds`` images (after dividing by ``scale``)."""
+    n = len(ds)
+    if n > _MAX_STATS_ROWS:
+        # Evenly spaced rows: deterministic and representative for large datasets.
+        ds = ds.select(np.linspace(0, n - 1, _MAX_STATS_ROWS).round().astype(np.int64).tolist())
+    total = np.zeros(in_channels, dtype=np.float64)
+    total_sq = np.zeros(in_channels, dtype=np.float64)
+    count = 0
+    plain = ds.with_format(None)
+    for start in range(0, len(plain), 1000):
+        for image in plain[start : start + 1000][image_column]:
+            arr = _to_hwc_array(image).astype(np.float64) / scale
+            total += arr.sum(axis=(0, 1))
+            total_sq += (arr**2).sum(axis=(0, 1))
+            count += arr.shape[0] * arr.shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    std = np.where(std < 1e-6, 1.0, std)  # constant channels: avoid dividing by ~0
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _apply_label_noise(
+    train: datasets.Dataset, label_column: str, num_classes: int, noise: float, seed: int
+) -> tuple[datasets.Dataset, list[int]]:
+    """Replace exactly ``round(noise * len(train))`` labels by a different uniformly random class."""
+    n_noisy = int(round(noise * len(train)))
+    if n_noisy == 0:
+        return train, []
+    if num_classes < 2:
+        raise ValueError("label_noise: needs at least 2 classes to flip labels")
+    labels = np.asarray(train[label_column], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    noisy = np.sort(rng.choice(len(labels), size=n_noisy, replace=False))
+    # An offset in [1, K-1] mod K is uniform over the K-1 *other* classes.
+    offsets = rng.integers(1, num_classes, size=n_noisy)
+    new_labels = labels.copy()
+    new_labels[noisy] = (labels[noisy] + offsets) % num_classes
+    feature = train.features[label_column]
+    train = train.remove_columns([label_column]).add_column(label_column, new_labels.tolist(), feature=feature)
+    return train, noisy.tolist()
+
+
+def load_vision_data(args: VisionDataArguments) -> VisionData:
+    """Load, validate and prepare an image classification dataset.
+
+    Args:
+        args: The data configuration.
+
+    Returns:
+        A ``VisionData`` whose datasets yield ``{"pixel_values": float32 (C, H, W),
+        "labels": int64}`` rows, ready for ``torch.utils.data.default_collate``.
+
+    Raises:
+        ValueError: If a split or column is missing, labels are unusable, or
+            ``num_labels`` disagrees with the data. Raised before any training.
+    """
+    is_digits = args.dataset_name == DIGITS_NAME
+    if is_digits:
+        raw = load_digits_dataset()
+    else:
+        raw = datasets.load_dataset(args.dataset_name)
+        if not isinstance(raw, datasets.DatasetDict):
+            raise ValueError(f"dataset_name: {args.dataset_name!r} did not load as a dataset with named splits")
+
+    for arg_name, split in [("train_split", args.train_split)] + [("eval_split", s) for s in args.eval_splits]:
+        if split not in raw:
+            raise ValueError(f"{arg_name}: split {split!r} not in dataset; available: {_available(raw.keys())}")
+
+    splits = {args.train_split: raw[args.train_split], **{s: raw[s] for s in args.eval_splits}}
+    train_columns = list(raw[args.train_split].column_names)
+    image_column = _resolve_column(
+        "image_column", args.image_column, _IMAGE_COLUMN_CANDIDATES, train_columns, args.dataset_name
+    )
+    label_column = _resolve_column(
+        "label_column", args.label_column, _LABEL_COLUMN_CANDIDATES, train_columns, args.dataset_name
+    )
+    for split, ds in splits.items():
+        for arg_name, column in (("image_column", image_column), ("label_column", label_column)):
+            if column not in ds.column_names:
+                raise ValueError(
+                    f"{arg_name}: column {column!r} not in split {split!r}; available: {_available(ds.column_names)}"
+                )
+    if len(raw[args.train_split]) == 0:
+        raise ValueError(f"train_split: split {args.train_split!r} is empty")
+
+    label_names = _label_names(splits, label_column)
+    if args.num_labels is not None and args.num_labels != len(label_names):
+        raise ValueError(
+            f"num_labels: config says {args.num_labels} but dataset {args.dataset_name!r} has {len(label_names)} labels"
+        )
+
+    train = raw[args.train_split]
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        train = train.select(range(args.max_train_samples))
+    evals = {}
+    for split in args.eval_splits:
+        ds = raw[split]
+        if args.max_eval_samples is not None and args.max_eval_samples < len(ds):
+            ds = ds.select(range(args.max_eval_samples))
+        evals[split] = ds
+
+    train, noisy_indices = _apply_label_noise(
+        train, label_column, len(label_names), float(args.label_noise), args.label_noise_seed
+    )
+
+    first = _to_hwc_array(train[0][image_column])
+    height, width, in_channels = first.shape
+    if height != width:
+        raise ValueError(f"image_column: expected square images, got {height}x{width}")
+    # Digits store raw counts 0..16; decoded images are 8-bit.
+    scale = 16.0 if is_digits else 255.0
+    stats = None if is_digits else _known_cifar_stats(args.dataset_name, in_channels, height)
+    mean, std = stats if stats is not None else _compute_stats(train, image_column, scale, in_channels)
+
+    pad = max(1, height // 8)  # 4 px for 32x32 CIFAR images, as in the standard recipe
+    common = dict(image_column=image_column, label_column=label_column, scale=scale, mean=mean, std=std, pad=pad)
+    train = train.with_transform(_ImageTransform(augment=args.augment, **common))
+    eval_transform = _ImageTransform(augment=False, **common)
+    evals = {name: ds.with_transform(eval_transform) for name, ds in evals.items()}
+
+    return VisionData(
+        train=train,
+        evals=evals,
+        label_names=label_names,
+        in_channels=int(in_channels),
+        image_size=int(height),
+        noisy_indices=noisy_indices,
+        mean=tuple(mean),
+        std=tuple(std),
+    )

@@ -1,0 +1,17 @@
+"""swa_accel: Stochastic Weight Averaging under Hugging Face Accelerate.
+
+Modules, one concern each: `config` (typed YAML + CLI configs), `schedule` (LR and SWA timeline),
+`averaging` (the fp32 average), `batchnorm` (exact BN recompute across ranks), `evaluation`
+(sharded metrics), `checkpointing`, `loop` (the shared training loop), `outputs`, `launch`.
+"""
+
+from .averaging import MainProcessPlacement, WeightAverager
+from .batchnorm import recompute_bn
+from .config import ConfigError, SWAArguments, TrainingArguments, parse_config
+from .launch import make_accelerator
+from .loop import Task, Trainer, train
+
+__all__ = [
+    "ConfigError", "MainProcessPlacement", "SWAArguments", "Task", "Trainer", "TrainingArguments", "WeightAverager",
+    "make_accelerator", "parse_config", "recompute_bn", "train",
+]

@@ -1,0 +1,186 @@
+"""Where the average is updated: equal-weight SWA and EMA of a prepared model, kept in fp32.
+
+The averaged copy is a flat `{name: fp32 tensor}` dict, not a deep copy of the module, so it works
+for any wrapper (DDP, torch.compile) and never holds a second module graph. Where the copy lives is
+a `Placement` strategy; `MainProcessPlacement` keeps it on the main process only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """Strips DDP (`module.`) and torch.compile (`_orig_mod.`) segments from a parameter name."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace("." + prefix, ".")
+    return name
+
+
+def named_tensors(model: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
+    """Parameters (and optionally floating-point buffers) of `model` by wrapper-free name."""
+    tensors = {clean_name(n): p for n, p in model.named_parameters()}
+    if buffers:
+        tensors.update({clean_name(n): b for n, b in model.named_buffers() if b.is_floating_point()})
+    return tensors
+
+
+class MainProcessPlacement:
+    """Only the main process keeps the averaged copy; other ranks hold none.
+
+    Under DDP every rank has identical weights, so the main process can average its own replica
+    with no communication. Ranks receive the averaged weights only transiently, by broadcast, when
+    an evaluation or the BN recompute needs them. A sharded placement (FSDP / ZeRO-3) would instead
+    keep each rank's shard and gather in `fill_module`; the averager never needs to know which.
+    """
+
+    name = "main"
+
+    def __init__(self, device: torch.device, offload_to_cpu: bool = False) -> None:
+        self.device = torch.device("cpu") if offload_to_cpu else device
+
+    def holds_copy(self, process_index: int) -> bool:
+        return process_index == 0
+
+    def fill_module(self, averaged: Optional[dict[str, torch.Tensor]], module: nn.Module, num_processes: int) -> None:
+        """Writes the averaged tensors into `module` on every rank (main's copy, broadcast to the others)."""
+        targets = named_tensors(module, buffers=True)
+        names = sorted(averaged) if averaged is not None else None
+        if num_processes > 1:
+            names = _broadcast_object(names)
+        with torch.no_grad():
+            for name in names:
+                target = targets[name]
+                if averaged is not None:
+                    target.copy_(averaged[name])
+                if num_processes > 1:
+                    torch.distributed.broadcast(target.data, src=0)
+
+
+def _broadcast_object(obj):
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class WeightAverager:
+    """Equal-weight (SWA) or exponential (EMA) average of a model's weights, in fp32.
+
+    Call `update(model)` right after a real optimizer step. The update is a handful of
+    `torch._foreach_*` kernels with no host-device synchronisation: `n_averaged` is a Python int.
+
+    Args:
+        model: the prepared (possibly wrapped) model; its wrapper-free names key the average.
+        method: "swa" or "ema".
+        placement: where the copy lives, e.g. `MainProcessPlacement`.
+        process_index: this process's rank.
+        ema_decay: EMA decay per update.
+        ema_warmup: use min(decay, (1 + n) / (10 + n)) so early updates move the average.
+        ema_buffers: for EMA, "average" floating buffers too, or "copy" them from the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        placement: MainProcessPlacement,
+        process_index: int = 0,
+        ema_decay: float = 0.999,
+        ema_warmup: bool = False,
+        ema_buffers: str = "average",
+    ) -> None:
+        if method not in ("swa", "ema"):
+            raise ValueError(f"swa_method: must be swa or ema, got {method!r}")
+        self.method = method
+        self.placement = placement
+        self.ema_decay = ema_decay
+        self.ema_warmup = ema_warmup
+        self.average_buffers = method == "ema" and ema_buffers == "average"
+        self.n_averaged = 0
+        self.averaged: Optional[dict[str, torch.Tensor]] = None
+        if placement.holds_copy(process_index):
+            source = named_tensors(model, buffers=self.average_buffers)
+            self.averaged = {
+                name: torch.zeros(t.shape, dtype=torch.float32, device=placement.device) for name, t in source.items()
+            }
+        self._bound_model: Optional[nn.Module] = None
+        self._sources: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+
+    def _bind(self, model: nn.Module) -> None:
+        """Pairs the model's tensors with the averaged ones by name, once per model object."""
+        source = named_tensors(model, buffers=self.average_buffers)
+        missing = sorted(set(self.averaged) - set(source))
+        extra = sorted(set(source) - set(self.averaged))
+        if missing or extra:
+            # A name mismatch would silently leave part of the average frozen; refuse instead.
+            raise ValueError(f"averaged model and model differ: missing {missing[:3]}, unexpected {extra[:3]}")
+        names = list(self.averaged)
+        self._targets = [self.averaged[n] for n in names]
+        self._sources = [source[n] for n in names]
+        self._bound_model = model
+
+    def _decay(self) -> float:
+        if self.ema_warmup:
+            return min(self.ema_decay, (1 + self.n_averaged) / (10 + self.n_averaged))
+        return self.ema_decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Folds the model's current weights into the average (call only after a real optimizer step)."""
+        if self.averaged is not None:
+            if model is not self._bound_model:
+                self._bind(model)
+            sources = [
+                s.detach() if (s.dtype == torch.float32 and s.device == t.device)
+                else s.detach().to(device=t.device, dtype=torch.float32, non_blocking=True)
+                for s, t in zip(self._sources, self._targets)
+            ]
+            if self.n_averaged == 0:
+                torch._foreach_copy_(self._targets, sources)
+            elif self.method == "swa":
+                torch._foreach_lerp_(self._targets, sources, 1.0 / (self.n_averaged + 1))
+            else:
+                torch._foreach_lerp_(self._targets, sources, 1.0 - self._decay())
+        self.n_averaged += 1
+
+    def materialize(self, build_model: Callable[[], nn.Module], base_model: nn.Module, device: torch.device,
+                    num_processes: int) -> nn.Module:
+        """Builds an fp32 module holding the average, on every rank (collective when distributed).
+
+        Buffers that are not averaged (BN statistics for SWA, everything for EMA with "copy") come
+        from the base model; BN statistics must then be recomputed (see `batchnorm.py`).
+        """
+        module = build_model()
+        base_state = {clean_name(k): v for k, v in base_model.state_dict().items()}
+        module.load_state_dict(base_state)
+        module.to(device=device, dtype=torch.float32)
+        self.placement.fill_module(self.averaged, module, num_processes)
+        return module
+
+    def state_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "n_averaged": self.n_averaged,
+            "averaged": None if self.averaged is None else {k: v.cpu() for k, v in self.averaged.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.method:
+            raise ValueError(f"swa_method: checkpoint averaged with {state['method']!r}, config says {self.method!r}")
+        self.n_averaged = int(state["n_averaged"])
+        if self.averaged is not None:
+            with torch.no_grad():
+                for name, tensor in self.averaged.items():
+                    tensor.copy_(state["averaged"][name])

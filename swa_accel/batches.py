@@ -1,0 +1,39 @@
+"""One place that knows the batch layouts recipes produce: HF-style dicts and (inputs, labels) tuples."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def split_batch(batch: Any) -> tuple[tuple, dict, Optional[torch.Tensor]]:
+    """Splits a batch into positional inputs, keyword inputs and labels (None when absent)."""
+    if isinstance(batch, dict):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return (), inputs, batch.get("labels")
+    if isinstance(batch, (tuple, list)):
+        return (batch[0],), {}, (batch[1] if len(batch) > 1 else None)
+    return (batch,), {}, None
+
+
+def cast_floating(obj: Any, dtype: Optional[torch.dtype]) -> Any:
+    """Casts floating tensors (images) to the model's weight dtype, leaving token ids alone."""
+    if dtype is None or dtype == torch.float32:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: cast_floating(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(cast_floating(v, dtype) for v in obj)
+    return obj
+
+
+def forward_logits(model: nn.Module, batch: Any, input_dtype: Optional[torch.dtype] = None):
+    """Runs the model on a batch and returns (logits, labels); handles `.logits` model outputs."""
+    args, kwargs, labels = split_batch(batch)
+    output = model(*cast_floating(args, input_dtype), **cast_floating(kwargs, input_dtype))
+    logits = output.logits if hasattr(output, "logits") else output
+    return logits, labels

@@ -1,0 +1,88 @@
+"""Checkpoints: `accelerator.save_state` into a temporary folder, renamed into place, then pruning.
+
+Saving into `step_XXXXXXXX.tmp` and renaming only once the save is complete means a crash mid-save
+never leaves a half-written folder that `--resume_from_checkpoint latest` would pick, and old
+checkpoints are deleted only after the new one exists (accelerate's own `total_limit` deletes first).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import ConfigError
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+class TrainState:
+    """Loop position saved with every checkpoint (registered with `register_for_checkpointing`)."""
+
+    def __init__(self) -> None:
+        self.global_step = 0  # optimizer steps taken
+        self.epoch = 0  # epochs completed
+        self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.epoch = int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+
+
+def list_checkpoints(checkpoint_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not checkpoint_root.is_dir():
+        return []
+    found = [p for p in checkpoint_root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def resolve_resume_path(resume_from_checkpoint: Optional[str], checkpoint_root: Path) -> Optional[Path]:
+    """Turns `latest` or a path into a checkpoint folder; None when not resuming.
+
+    Raises:
+        ConfigError: the named checkpoint does not exist, or `latest` finds none.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(checkpoint_root)
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint: no checkpoint found in {checkpoint_root}")
+        return found[-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise ConfigError(f"resume_from_checkpoint: '{path}' is not a checkpoint folder")
+    return path
+
+
+def save_checkpoint(accelerator, checkpoint_root: Path, global_step: int, keep: int,
+                    extra_writer: Optional[Callable[[Path], None]] = None) -> Path:
+    """Saves the full training state for `global_step`, keeping the newest `keep` checkpoints.
+
+    Args:
+        extra_writer: called on the main process with the temporary folder, before it is renamed
+            into place (used to add the BN-recomputed averaged model).
+    """
+    final = checkpoint_root / f"step_{global_step:08d}"
+    tmp = checkpoint_root / f"step_{global_step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if extra_writer is not None:
+            extra_writer(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(checkpoint_root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,211 @@
+"""Typed run configuration: dataclasses filled from a recipe YAML, then `--key value` overrides.
+
+The parsing itself is `transformers.HfArgumentParser`; this module only adds the YAML layer,
+rejects unknown keys by name and turns every config error into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line before training starts."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainingArguments:
+    """Loop, optimiser and bookkeeping settings shared by every recipe."""
+
+    output_dir: str = _help("Where checkpoints, metrics and final models go.", default="outputs/run")
+    seed: int = _help("Seeds Python, NumPy and torch (model init, shuffling, augmentation).", default=0)
+    num_train_epochs: int = _help("Training budget in epochs (ignored when max_train_steps is set).", default=3)
+    max_train_steps: Optional[int] = _help("Training budget in optimizer steps; overrides num_train_epochs.", default=None)
+    per_device_train_batch_size: int = _help("Micro-batch size on each process.", default=32)
+    per_device_eval_batch_size: int = _help("Evaluation batch size on each process.", default=256)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    optimizer: str = _help("sgd or adamw.", default="sgd")
+    learning_rate: float = _help("Peak learning rate of the pre-SWA schedule.", default=0.1)
+    momentum: float = _help("SGD momentum.", default=0.9)
+    weight_decay: float = _help("Weight decay.", default=0.0)
+    no_decay_on_bias_and_norm: bool = _help("Exclude biases and norm-layer weights from weight decay.", default=False)
+    adam_beta1: float = _help("AdamW beta1.", default=0.9)
+    adam_beta2: float = _help("AdamW beta2.", default=0.999)
+    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
+    model_dtype: str = _help("Weight dtype of the trained model: float32 or bfloat16 (the average stays fp32).",
+                             default="float32")
+    max_grad_norm: Optional[float] = _help("Clip gradients to this norm; None disables clipping.", default=None)
+    lr_scheduler_type: str = _help("Pre-SWA schedule: cosine, linear, constant or one_cycle.", default="cosine")
+    num_warmup_steps: int = _help("Linear warmup in optimizer steps.", default=0)
+    eval_every_epochs: int = _help("Evaluate every N epochs (the last epoch is always evaluated).", default=1)
+    eval_steps: Optional[int] = _help("Evaluate every N optimizer steps instead of per epoch.", default=None)
+    checkpointing_steps: Optional[str] = _help("'epoch', an integer number of optimizer steps, or None.", default="epoch")
+    checkpoints_total_limit: int = _help("Keep only the newest K checkpoints.", default=2)
+    resume_from_checkpoint: Optional[str] = _help("'latest' or a checkpoint folder.", default=None)
+    report_to: str = _help("Accelerate trackers: none, all, or a comma list (tensorboard, wandb, ...).", default="none")
+    dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
+    plot: bool = _help("Write curves.png at the end.", default=True)
+
+    def __post_init__(self) -> None:
+        positive = ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "eval_every_epochs", "checkpoints_total_limit")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_steps", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be >= 1 when set, got {value}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer: must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.model_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"model_dtype: must be float32 or bfloat16, got {self.model_dtype!r}")
+        if self.lr_scheduler_type not in ("cosine", "linear", "constant", "one_cycle"):
+            raise ConfigError(
+                f"lr_scheduler_type: must be cosine, linear, constant or one_cycle, got {self.lr_scheduler_type!r}"
+            )
+        if self.num_warmup_steps < 0:
+            raise ConfigError(f"num_warmup_steps: must be >= 0, got {self.num_warmup_steps}")
+        if self.checkpointing_steps in ("None", "none", ""):
+            self.checkpointing_steps = None
+        if self.checkpointing_steps not in (None, "epoch") and not (
+            str(self.checkpointing_steps).isdigit() and int(self.checkpointing_steps) > 0
+        ):
+            raise ConfigError(
+                f"checkpointing_steps: must be 'epoch', a positive integer or None, got {self.checkpointing_steps!r}"
+            )
+        if self.resume_from_checkpoint in ("None", "none", ""):
+            self.resume_from_checkpoint = None
+
+
+@dataclass
+class SWAArguments:
+    """When and how weights are averaged, and how the LR behaves during averaging."""
+
+    swa_method: str = _help("swa (equal weights), ema, or none (plain training).", default="swa")
+    swa_start_fraction: float = _help("Start averaging after this fraction of the optimizer steps.", default=0.75)
+    swa_start_epoch: Optional[int] = _help("Start averaging at this epoch (0-based); overrides the fraction.", default=None)
+    swa_start_step: Optional[int] = _help("Start averaging at this optimizer step; overrides the fraction.", default=None)
+    swa_lr: Optional[float] = _help("Constant LR of the SWA phase; None keeps the pre-SWA schedule.", default=None)
+    swa_anneal_steps: Optional[int] = _help("Steps of the anneal to swa_lr; None means one epoch of steps.", default=None)
+    swa_anneal_strategy: str = _help("cos or linear anneal to swa_lr.", default="cos")
+    swa_update_every_steps: Optional[int] = _help("Average every N optimizer steps; None averages at each epoch end.",
+                                                  default=None)
+    ema_decay: float = _help("EMA decay per averaging update.", default=0.999)
+    ema_warmup: bool = _help("Use min(ema_decay, (1 + n) / (10 + n)) so early EMA is not stuck at init.", default=False)
+    ema_buffers: str = _help("EMA buffers: average or copy.", default="average")
+    swa_placement: str = _help("main: only the main process keeps the averaged copy.", default="main")
+    swa_offload_to_cpu: bool = _help("Keep the averaged copy in CPU memory.", default=False)
+    bn_recompute_max_batches: Optional[int] = _help("Cap on batches of the BN recompute pass (None: a full pass).",
+                                                    default=None)
+
+    def __post_init__(self) -> None:
+        if self.swa_method not in ("swa", "ema", "none"):
+            raise ConfigError(f"swa_method: must be swa, ema or none, got {self.swa_method!r}")
+        if not 0.0 <= self.swa_start_fraction < 1.0:
+            raise ConfigError(f"swa_start_fraction: must be in [0, 1), got {self.swa_start_fraction}")
+        if self.swa_start_epoch is not None and self.swa_start_step is not None:
+            raise ConfigError("swa_start_epoch: set either swa_start_epoch or swa_start_step, not both")
+        for name in ("swa_start_epoch", "swa_start_step"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {value}")
+        if self.swa_lr is not None and self.swa_lr <= 0:
+            raise ConfigError(f"swa_lr: must be > 0, got {self.swa_lr}")
+        if self.swa_anneal_steps is not None and self.swa_anneal_steps < 0:
+            raise ConfigError(f"swa_anneal_steps: must be >= 0, got {self.swa_anneal_steps}")
+        if self.swa_anneal_strategy not in ("cos", "linear"):
+            raise ConfigError(f"swa_anneal_strategy: must be cos or linear, got {self.swa_anneal_strategy!r}")
+        if self.swa_update_every_steps is not None and self.swa_update_every_steps < 1:
+            raise ConfigError(f"swa_update_every_steps: must be >= 1, got {self.swa_update_every_steps}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
+        if self.ema_buffers not in ("average", "copy"):
+            raise ConfigError(f"ema_buffers: must be average or copy, got {self.ema_buffers!r}")
+        if self.swa_placement not in ("main",):
+            raise ConfigError(f"swa_placement: only 'main' is available, got {self.swa_placement!r}")
+        if self.bn_recompute_max_batches is not None and self.bn_recompute_max_batches < 1:
+            raise ConfigError(f"bn_recompute_max_batches: must be >= 1, got {self.bn_recompute_max_batches}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.swa_method != "none"
+
+
+class _OneLineArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors raise ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # argparse calls this for unknown or malformed flags
+        raise ConfigError(message)
+
+
+def field_names(dataclass_types: tuple[type, ...]) -> set[str]:
+    return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a recipe YAML file into a flat dict, naming the file in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config: '{path}' is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: '{path}' must be a mapping of key: value")
+    return data
+
+
+def parse_config(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple[Any, ...]:
+    """Fills the dataclasses from `--config FILE.yaml` and then `--key value` overrides.
+
+    Args:
+        dataclass_types: the recipe's argument dataclasses, e.g. (VisionDataArguments, ModelArguments,
+            TrainingArguments, SWAArguments).
+        argv: command-line arguments without the program name.
+
+    Returns:
+        One instance per dataclass type, in order.
+
+    Raises:
+        ConfigError: unknown key in the YAML or on the command line, or a value a dataclass rejects.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = _OneLineArgumentParser(dataclass_types)
+    if known.config is not None:
+        values = load_yaml(known.config)
+        unknown = sorted(set(values) - field_names(dataclass_types))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown key in {known.config}")
+        # Argparse converts string defaults with the field's type, so YAML's '1e-3' still becomes a float.
+        parser.set_defaults(**values)
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+
+
+def resolved_config(configs: tuple[Any, ...]) -> dict[str, Any]:
+    """Flattens parsed dataclasses into one dict, as written to the run's config.yaml."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        merged.update(dataclasses.asdict(config))
+    return merged

@@ -1,0 +1,67 @@
+"""Builds the Accelerator, picking CPU mode when there is no accelerator and refusing broken launches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    is_mps_available,
+    is_npu_available,
+    is_torch_xla_available,
+    is_xpu_available,
+)
+
+from .config import ConfigError, TrainingArguments
+
+
+def has_accelerator_device() -> bool:
+    """Whether any device accelerate can train on (GPU, XPU, NPU, MPS, TPU) is present."""
+    return (
+        torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available()
+        or is_torch_xla_available()
+    )
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher (accelerate launch, torchrun) says it started."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(training: TrainingArguments) -> Accelerator:
+    """An Accelerator for the run: gradient accumulation, seedable shuffling, trackers, CPU fallback.
+
+    Without `cpu=True`, processes started by a multi-process launch on a machine with no
+    accelerator each run alone as rank 0 on all the data; with it they form one gloo group.
+
+    Raises:
+        ConfigError: the launcher started N > 1 processes but accelerate sees a different number.
+    """
+    report_to = None if training.report_to == "none" else training.report_to.split(",")
+    if report_to == ["all"]:
+        report_to = "all"
+    accelerator = Accelerator(
+        cpu=not has_accelerator_device(),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=training.gradient_accumulation_steps, sync_with_dataloader=True
+        ),
+        # A seeded sampler reshuffles per epoch from (seed, epoch): resumable and equal across process counts.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=training.seed),
+        project_config=ProjectConfiguration(
+            project_dir=training.output_dir, logging_dir=str(Path(training.output_dir) / "logs")
+        ),
+        log_with=report_to,
+    )
+    expected = launched_world_size()
+    if expected != accelerator.num_processes:
+        raise ConfigError(
+            f"launch: the launcher started {expected} processes but accelerate sees {accelerator.num_processes}; "
+            "they would each train alone on all the data (on a machine without GPUs, build Accelerator(cpu=True) "
+            "or set ACCELERATE_USE_CPU=1)"
+        )
+    return accelerator

@@ -1,0 +1,285 @@
+"""The training loop every recipe shares: train, average, recompute BN, evaluate, checkpoint, export.
+
+A recipe describes its task with a `Task` (how to build the model, the datasets, the metrics, how to
+save a model) and calls `train`. Everything SWA-specific happens here and in the modules it calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .averaging import MainProcessPlacement, WeightAverager
+from .batches import forward_logits
+from .batchnorm import recompute_bn, shard_loader
+from .checkpointing import TrainState, resolve_resume_path, save_checkpoint
+from .config import SWAArguments, TrainingArguments
+from .evaluation import evaluate_model, load_metrics
+from .optim import build_optimizer
+from .outputs import MetricsLog, plot_curves, summary_table, write_resolved_config
+from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
+
+logger = get_logger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Task:
+    """What a recipe hands the loop.
+
+    Attributes:
+        build_model: returns a fresh model of the task's architecture; called once (after
+            `set_seed`) for training, and again whenever the averaged weights need a module.
+        train_dataset: indexable dataset yielding what `collate_fn` batches into model inputs plus
+            `labels` (dict batches) or `(inputs, labels)` tuples.
+        eval_datasets: split name -> dataset.
+        save_model: writes a `from_pretrained`-loadable folder for a module.
+        collate_fn: batches samples; None uses torch's default collate.
+        metric_names: evaluate modules to report (local ones ship in swa_accel/metrics).
+        primary_metric: the metric plotted in curves.png.
+    """
+
+    build_model: Callable[[], nn.Module]
+    train_dataset: Any
+    eval_datasets: dict[str, Any]
+    save_model: Callable[[nn.Module, Path], None]
+    collate_fn: Optional[Callable] = None
+    metric_names: tuple[str, ...] = ("accuracy", "nll", "ece")
+    primary_metric: str = "accuracy"
+    extra: dict = field(default_factory=dict)
+
+
+def _tracker_config(config: dict) -> dict:
+    # Trackers such as TensorBoard accept only scalar hyperparameters.
+    return {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+
+
+class Trainer:
+    """Owns one run's state; `train()` below is the entry point recipes use."""
+
+    def __init__(self, task: Task, training: TrainingArguments, swa: SWAArguments, accelerator,
+                 config: dict, argv: list[str]) -> None:
+        self.task, self.training, self.swa, self.accelerator = task, training, swa, accelerator
+        self.output_dir = Path(training.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        # Resolve the checkpoint before anything heavy, so a bad path fails fast.
+        self.resume_path = resolve_resume_path(training.resume_from_checkpoint, self.checkpoint_root)
+        self.dtype = DTYPES[training.model_dtype]
+        self.input_dtype = None if self.dtype == torch.float32 else self.dtype
+
+        # We build the model after set_seed so that the seed also controls initialisation.
+        set_seed(training.seed)
+        model = task.build_model().to(self.dtype)
+        optimizer = build_optimizer(model, training)
+        train_loader = DataLoader(task.train_dataset, batch_size=training.per_device_train_batch_size, shuffle=True,
+                                  collate_fn=task.collate_fn, num_workers=training.dataloader_num_workers)
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
+        self.eval_loaders = {
+            name: accelerator.prepare(DataLoader(ds, batch_size=training.per_device_eval_batch_size,
+                                                 collate_fn=task.collate_fn,
+                                                 num_workers=training.dataloader_num_workers))
+            for name, ds in task.eval_datasets.items()
+        }
+        self.plan: TrainingPlan = make_plan(len(self.train_loader), training, swa)
+        self.scheduler = make_scheduler(self.optimizer, self.plan, training, swa)
+        self.averager: Optional[WeightAverager] = None
+        if swa.enabled:
+            placement = MainProcessPlacement(accelerator.device, offload_to_cpu=swa.swa_offload_to_cpu)
+            self.averager = WeightAverager(self.model, swa.swa_method, placement, accelerator.process_index,
+                                           swa.ema_decay, swa.ema_warmup, swa.ema_buffers)
+        self.state = TrainState()
+        accelerator.register_for_checkpointing(self.scheduler, self.state)
+        if self.averager is not None:
+            accelerator.register_for_checkpointing(self.averager)
+        self.metrics = load_metrics(list(task.metric_names), accelerator.main_process_first)
+        self.log = MetricsLog(self.output_dir / "metrics.jsonl")
+
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved_config(self.output_dir, config, argv)
+        accelerator.wait_for_everyone()
+        if self.resume_path is not None:
+            accelerator.load_state(str(self.resume_path))
+            logger.info(f"resumed from {self.resume_path} at optimizer step {self.state.global_step}")
+            if accelerator.is_main_process:
+                self.log.truncate_after(self.state.global_step)
+        elif accelerator.is_main_process and self.log.path.exists():
+            self.log.path.unlink()
+        if training.report_to != "none":
+            accelerator.init_trackers("swa_accel", config=_tracker_config(config))
+
+    # ----- the averaged model -------------------------------------------------------------
+
+    def averaged_model(self) -> Optional[nn.Module]:
+        """The averaged weights as an fp32 module on every rank, BN statistics recomputed; None before averaging."""
+        if self.averager is None or self.averager.n_averaged == 0:
+            return None
+        acc = self.accelerator
+        module = self.averager.materialize(self.task.build_model, acc.unwrap_model(self.model), acc.device,
+                                           acc.num_processes)
+        if self.swa.swa_method == "swa":
+            recompute_bn(
+                module,
+                lambda: shard_loader(self.task.train_dataset, self.training.per_device_train_batch_size,
+                                     self.task.collate_fn, acc.num_processes, acc.process_index,
+                                     self.training.dataloader_num_workers),
+                acc.device, acc.num_processes, acc.process_index, self.swa.bn_recompute_max_batches, acc.autocast,
+            )
+        return module
+
+    # ----- evaluation and checkpoints ----------------------------------------------------
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def evaluate(self, final: bool = False) -> tuple[dict, Optional[nn.Module]]:
+        """Evaluates the base model and, once averaging has begun, the averaged one; logs both."""
+        acc = self.accelerator
+        results: dict[str, dict[str, dict[str, float]]] = {"base": {}}
+        base = acc.unwrap_model(self.model)
+        for split, loader in self.eval_loaders.items():
+            results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
+        swa_module = self.averaged_model()
+        if swa_module is not None:
+            results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics)
+                              for split, loader in self.eval_loaders.items()}
+        step, epoch = self.state.global_step, self.state.epoch
+        if acc.is_main_process:
+            for model_name, by_split in results.items():
+                for split, values in by_split.items():
+                    record = {"step": step, "epoch": epoch, "model": model_name, "split": split, **values,
+                              "lr": self.current_lr(), "n_averaged": self.averager.n_averaged if self.averager else 0}
+                    if final:
+                        record["final"] = True
+                    self.log.append(record)
+        acc.log({f"{m}/{s}/{k}": v for m, by in results.items() for s, vals in by.items() for k, v in vals.items()},
+                step=step)
+        return results, swa_module
+
+    def checkpoint(self, swa_module: Optional[nn.Module]) -> None:
+        """Saves the training state; once averaging has begun, also the BN-recomputed averaged model."""
+        if swa_module is None:
+            swa_module = self.averaged_model()
+        writer = None
+        if swa_module is not None:
+            writer = lambda folder: self.task.save_model(swa_module, folder / "swa_model")  # noqa: E731
+        path = save_checkpoint(self.accelerator, self.checkpoint_root, self.state.global_step,
+                               self.training.checkpoints_total_limit, writer)
+        logger.info(f"saved checkpoint {path}")
+
+    def eval_due(self, epoch_end: bool) -> bool:
+        if self.training.eval_steps is not None:
+            return self.state.global_step % self.training.eval_steps == 0
+        return epoch_end and self.state.epoch % self.training.eval_every_epochs == 0
+
+    def checkpoint_due(self, epoch_end: bool) -> bool:
+        every = self.training.checkpointing_steps
+        if every is None:
+            return False
+        if every == "epoch":
+            return epoch_end
+        return self.state.global_step % int(every) == 0
+
+    # ----- the loop ------------------------------------------------------------------------
+
+    def train_step(self, batch) -> torch.Tensor:
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            logits, labels = forward_logits(self.model, batch, self.input_dtype)
+            loss = F.cross_entropy(logits.float(), labels)
+            acc.backward(loss)
+            if acc.sync_gradients and self.training.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), self.training.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        return loss
+
+    def after_optimizer_step(self) -> None:
+        """Schedule and average after a real optimizer step, counted by `sync_gradients`."""
+        self.state.global_step += 1
+        # An fp16 overflow skips the step: neither the LR schedule nor the average may move then.
+        stepped = not self.accelerator.optimizer_step_was_skipped
+        if stepped:
+            self.scheduler.step()
+        epoch_end = self.state.batches_in_epoch == len(self.train_loader)
+        if epoch_end:
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+        if stepped and self.averager is not None and (
+            self.plan.update_after_step(self.state.global_step)
+            or (epoch_end and self.plan.update_at_epoch_end(self.state.global_step))
+        ):
+            self.averager.update(self.model)
+        if self.state.global_step >= self.plan.total_steps:
+            return  # the last step's evaluation and checkpoint happen in finish()
+        swa_module = None
+        if self.eval_due(epoch_end):
+            _, swa_module = self.evaluate()
+        if self.checkpoint_due(epoch_end):
+            self.checkpoint(swa_module)
+
+    def run(self) -> dict:
+        acc, plan = self.accelerator, self.plan
+        logger.info(f"{plan.total_steps} optimizer steps ({plan.num_epochs} epochs of {plan.steps_per_epoch}); "
+                    f"averaging ({self.swa.swa_method}) from step {plan.swa_start_step}", main_process_only=True)
+        progress = tqdm(total=plan.total_steps, initial=self.state.global_step,
+                        disable=not acc.is_local_main_process, desc="train")
+        self.model.train()
+        while self.state.global_step < plan.total_steps:
+            self.train_loader.set_epoch(self.state.epoch)
+            loader = self.train_loader
+            if self.state.batches_in_epoch:
+                loader = acc.skip_first_batches(self.train_loader, self.state.batches_in_epoch)
+            for batch in loader:
+                loss = self.train_step(batch)
+                self.state.batches_in_epoch += 1
+                if acc.sync_gradients:
+                    self.after_optimizer_step()
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.current_lr():.4g}")
+                    if self.state.global_step >= plan.total_steps:
+                        break
+        progress.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Final evaluation, last checkpoint, exports, plot and the closing table."""
+        acc = self.accelerator
+        # The final/swa export is the very module evaluated here, so its logged metrics reproduce on reload.
+        results, swa_module = self.evaluate(final=True)
+        if self.checkpoint_due(epoch_end=self.state.batches_in_epoch == 0):
+            self.checkpoint(swa_module)
+        final_dir = self.output_dir / "final"
+        if acc.is_main_process:
+            self.task.save_model(acc.unwrap_model(self.model), final_dir / "base")
+            if swa_module is not None:
+                self.task.save_model(swa_module, final_dir / "swa")
+            (final_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+            if self.training.plot:
+                lrs = [lr_factor(s, self.plan, self.training, self.swa) * self.training.learning_rate
+                       for s in range(self.plan.total_steps)]
+                plot_curves(self.log.read(), lrs, self.plan.swa_start_step, self.task.primary_metric,
+                            self.output_dir / "curves.png")
+            print("\nfinal evaluation (base = last iterate, swa = averaged model):")
+            print(summary_table(results))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return results
+
+
+def train(task: Task, training: TrainingArguments, swa: SWAArguments, accelerator, config: dict,
+          argv: list[str]) -> dict:
+    """Runs a whole training job and returns the final evaluation {model: {split: {metric: value}}}."""
+    return Trainer(task, training, swa, accelerator, config, argv).run()

@@ -1,0 +1,130 @@
+"""The learning-rate schedule, counted in optimizer steps: warmup, a pre-SWA shape, then SWALR's anneal.
+
+Everything is a pure function of the optimizer step, so the LR at a given step does not depend on
+`num_processes` or `gradient_accumulation_steps` for the same global batch. We step our own
+`LambdaLR` once per real optimizer step instead of letting accelerate's prepared scheduler step
+`num_processes` times per call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, SWAArguments, TrainingArguments
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The step budget and the SWA timeline, all in optimizer steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    swa_start_step: Optional[int]  # None when averaging is off
+    anneal_steps: int
+    update_every_steps: Optional[int]  # None: average at each epoch end
+
+    def averaging_active(self, global_step: int) -> bool:
+        """Whether optimizer step number `global_step` (1-based) fell inside the averaging phase."""
+        return self.swa_start_step is not None and global_step > self.swa_start_step
+
+    def update_after_step(self, global_step: int) -> bool:
+        """Whether to average right after optimizer step `global_step` in step-counted mode."""
+        if self.update_every_steps is None or not self.averaging_active(global_step):
+            return False
+        return (global_step - self.swa_start_step) % self.update_every_steps == 0
+
+    def update_at_epoch_end(self, global_step: int) -> bool:
+        return self.update_every_steps is None and self.averaging_active(global_step)
+
+
+def make_plan(batches_per_epoch: int, training: TrainingArguments, swa: SWAArguments) -> TrainingPlan:
+    """Derives the budget and the SWA start from the prepared train loader's length.
+
+    Args:
+        batches_per_epoch: `len()` of the prepared (sharded) training loader, i.e. micro-batches per
+            process per epoch.
+
+    Raises:
+        ConfigError: the SWA start falls at or after the end of training.
+    """
+    if batches_per_epoch < 1:
+        raise ConfigError("per_device_train_batch_size: the training data gives no batch on each process")
+    steps_per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
+    if training.max_train_steps is not None:
+        total_steps = training.max_train_steps
+    else:
+        total_steps = steps_per_epoch * training.num_train_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    swa_start = None
+    if swa.enabled:
+        if swa.swa_start_step is not None:
+            swa_start, name = swa.swa_start_step, "swa_start_step"
+        elif swa.swa_start_epoch is not None:
+            swa_start, name = swa.swa_start_epoch * steps_per_epoch, "swa_start_epoch"
+        else:
+            swa_start, name = int(swa.swa_start_fraction * total_steps), "swa_start_fraction"
+        if swa_start >= total_steps:
+            raise ConfigError(
+                f"{name}: averaging would start at optimizer step {swa_start}, "
+                f"but training ends after {total_steps} steps ({num_epochs} epochs of {steps_per_epoch})"
+            )
+    anneal = steps_per_epoch if swa.swa_anneal_steps is None else swa.swa_anneal_steps
+    return TrainingPlan(steps_per_epoch, total_steps, num_epochs, swa_start, anneal, swa.swa_update_every_steps)
+
+
+def _pre_swa_factor(step: int, training: TrainingArguments, total_steps: int) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based) before SWA takes over."""
+    warmup = training.num_warmup_steps
+    kind = training.lr_scheduler_type
+    if kind == "one_cycle":
+        # One-cycle: a cosine rise from lr/25 to lr (warmup, default 30% of the budget), then a cosine fall.
+        rise = warmup if warmup > 0 else max(1, int(0.3 * total_steps))
+        if step < rise:
+            return 0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * step / rise))
+        progress = min(1.0, (step - rise) / max(1, total_steps - rise))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def lr_factor(step: int, plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments) -> float:
+    """LR multiplier for optimizer step `step` (0-based), as LambdaLR expects.
+
+    From `swa_start_step` on, the rate anneals (cos or linear, like `torch.optim.swa_utils.SWALR`)
+    from wherever the pre-SWA schedule stood to the constant `swa_lr`, over `anneal_steps` steps.
+    """
+    start = plan.swa_start_step
+    if start is None or swa.swa_lr is None or step < start:
+        return _pre_swa_factor(step, training, plan.total_steps)
+    from_factor = _pre_swa_factor(start, training, plan.total_steps)
+    to_factor = swa.swa_lr / training.learning_rate
+    progress = 1.0 if plan.anneal_steps == 0 else min(1.0, (step - start + 1) / plan.anneal_steps)
+    if swa.swa_anneal_strategy == "cos":
+        alpha = (1 - math.cos(math.pi * progress)) / 2
+    else:
+        alpha = progress
+    return to_factor * alpha + from_factor * (1 - alpha)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR to be stepped once per real optimizer step (never passed to `accelerator.prepare`)."""
+
+    # A plain function, not a callable object: LambdaLR then keeps it out of the saved state,
+    # which holds only the step count.
+    def factor(step: int) -> float:
+        return lr_factor(step, plan, training, swa)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,476 @@
+"""Tests for the vision recipe models (recipes/vision/models.py) and data (recipes/vision/data.py)."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from recipes.vision.data import VisionDataArguments, load_digits_dataset, load_vision_data
+from recipes.vision.models import MODEL_CLASSES, PreResNet, SmallCNN, WideResNet, build_model
+from tests.helpers.tiny_datasets import CIFAR10_NAMES, make_cifar_like
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------
+# Independent parameter-count formulas (from the architecture description, not the code)
+# --------------------------------------------------------------------------------------
+
+
+def bn(c):
+    return 2 * c
+
+
+def expected_preresnet_params(depth, num_classes, in_channels=3):
+    bottleneck = depth >= 44
+    n = (depth - 2) // 9 if bottleneck else (depth - 2) // 6
+    exp = 4 if bottleneck else 1
+    total = in_channels * 9 * 16
+    inplanes = 16
+    for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(n):
+            s = stride if i == 0 else 1
+            if bottleneck:
+                total += bn(inplanes) + inplanes * planes + bn(planes) + 9 * planes * planes
+                total += bn(planes) + planes * planes * exp
+            else:
+                total += bn(inplanes) + 9 * inplanes * planes + bn(planes) + 9 * planes * planes
+            if s != 1 or inplanes != planes * exp:
+                total += inplanes * planes * exp  # 1x1 projection shortcut, no bias/BN
+            inplanes = planes * exp
+    return total + bn(64 * exp) + 64 * exp * num_classes + num_classes
+
+
+def expected_wrn_params(depth, k, num_classes, in_channels=3):
+    n = (depth - 4) // 6
+    total = in_channels * 9 * 16
+    cin = 16
+    for cout in (16 * k, 32 * k, 64 * k):
+        for _ in range(n):
+            total += bn(cin) + 9 * cin * cout + bn(cout) + 9 * cout * cout
+            if cin != cout:
+                total += cin * cout
+            cin = cout
+    return total + bn(cin) + cin * num_classes + num_classes
+
+
+def expected_small_cnn_params(num_classes, in_channels, w):
+    widths = [in_channels, w, w, 2 * w, 2 * w]
+    total = sum(9 * a * b + bn(b) for a, b in zip(widths[:-1], widths[1:]))
+    return total + 2 * w * num_classes + num_classes
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [20, 47])
+def test_preresnet_small_depths_shape_and_params(depth):
+    torch.manual_seed(0)
+    model = PreResNet(depth=depth, num_classes=7).eval()
+    assert n_params(model) == expected_preresnet_params(depth, 7)
+    # Basic blocks below depth 44, bottlenecks from there on.
+    block_names = {type(m).__name__ for m in model.modules()}
+    assert ("_PreActBottleneck" in block_names) == (depth >= 44)
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_preresnet164_param_count_and_forward():
+    model = PreResNet(depth=164, num_classes=10)
+    count = n_params(model)
+    assert count == expected_preresnet_params(164, 10)
+    assert 1_600_000 <= count <= 1_800_000  # ~1.7M as reported for CIFAR-10
+    assert n_params(PreResNet(depth=164, num_classes=100)) - count == 256 * 90 + 90
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+
+
+def test_preresnet_grayscale_input_channels():
+    model = PreResNet(depth=8, num_classes=4, in_channels=1).eval()
+    assert model.conv1.in_channels == 1
+    assert n_params(model) == expected_preresnet_params(8, 4, in_channels=1)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+
+
+def test_wideresnet_28_10_param_count():
+    model = WideResNet(depth=28, widen_factor=10, num_classes=10)
+    count = n_params(model)
+    assert count == expected_wrn_params(28, 10, 10)
+    assert 36_000_000 <= count <= 37_000_000  # ~36.5M
+
+
+def test_wideresnet_small_forward_and_dropout():
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen_factor=2, num_classes=5, dropout=0.3)
+    assert n_params(model) == expected_wrn_params(10, 2, 5)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert a.shape == (2, 5)
+    assert torch.equal(a, b)  # dropout off in eval mode
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # dropout active in train mode
+
+
+def test_small_cnn_shape_and_params():
+    model = SmallCNN(num_classes=10, in_channels=1, width=16).eval()
+    assert n_params(model) == expected_small_cnn_params(10, 1, 16)
+    with torch.no_grad():
+        assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: PreResNet(depth=45),
+        lambda: PreResNet(depth=21),
+        lambda: PreResNet(depth=2),
+        lambda: WideResNet(depth=27),
+        lambda: WideResNet(depth=4),
+    ],
+)
+def test_invalid_depth_raises(factory):
+    with pytest.raises(ValueError, match=r"^depth: "):
+        factory()
+
+
+def test_invalid_other_args_raise():
+    with pytest.raises(ValueError, match=r"^num_classes: "):
+        SmallCNN(num_classes=0)
+    with pytest.raises(ValueError, match=r"^dropout: "):
+        WideResNet(depth=10, widen_factor=1, dropout=1.0)
+
+
+def test_build_model_by_name():
+    model = build_model("preresnet", num_classes=3, in_channels=1, depth=20)
+    assert isinstance(model, PreResNet)
+    assert (model.depth, model.num_classes, model.in_channels) == (20, 3, 1)
+    assert isinstance(build_model("wideresnet", 10, 3, depth=10, widen_factor=1), WideResNet)
+    small = build_model("small_cnn", 10, 1, width=4)
+    assert isinstance(small, SmallCNN) and small.width == 4
+    assert set(MODEL_CLASSES) == {"preresnet", "wideresnet", "small_cnn"}
+    with pytest.raises(ValueError, match=r"^model_name: unknown model 'resnet50'; choose one of"):
+        build_model("resnet50", 10, 3)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, input_shape",
+    [
+        ("preresnet", {"depth": 20, "num_classes": 4, "in_channels": 3}, (2, 3, 16, 16)),
+        ("wideresnet", {"depth": 10, "widen_factor": 2, "num_classes": 5, "dropout": 0.1}, (2, 3, 16, 16)),
+        ("small_cnn", {"num_classes": 10, "in_channels": 1, "width": 8}, (2, 1, 8, 8)),
+    ],
+)
+def test_save_pretrained_round_trip(tmp_path, name, kwargs, input_shape):
+    torch.manual_seed(0)
+    model = MODEL_CLASSES[name](**kwargs)
+    # Make BN running stats non-trivial so the round trip must carry buffers too.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(*input_shape))
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value in kwargs.items():
+        assert config[key] == value
+
+    reloaded = MODEL_CLASSES[name].from_pretrained(tmp_path)
+    assert type(reloaded) is type(model)
+    reloaded.eval()
+    x = torch.randn(*input_shape)
+    with torch.no_grad():
+        assert torch.equal(model(x), reloaded(x))
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+# --------------------------------------------------------------------------------------
+# Data: arguments
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, field_name",
+    [
+        ({"label_noise": 1.5}, "label_noise"),
+        ({"label_noise": 1.0}, "label_noise"),
+        ({"label_noise": -0.1}, "label_noise"),
+        ({"max_train_samples": 0}, "max_train_samples"),
+        ({"max_eval_samples": -3}, "max_eval_samples"),
+        ({"num_labels": 1}, "num_labels"),
+        ({"dataset_name": ""}, "dataset_name"),
+        ({"eval_split": " , "}, "eval_split"),
+        ({"train_split": ""}, "train_split"),
+    ],
+)
+def test_data_arguments_validation(kwargs, field_name):
+    with pytest.raises(ValueError, match=rf"^{field_name}: "):
+        VisionDataArguments(**kwargs)
+
+
+def test_label_noise_error_message():
+    with pytest.raises(ValueError) as info:
+        VisionDataArguments(label_noise=1.5)
+    assert str(info.value) == "label_noise: must be in [0, 1), got 1.5"
+
+
+def test_data_arguments_parse_with_hf_argument_parser():
+    transformers = pytest.importorskip("transformers")
+    parser = transformers.HfArgumentParser(VisionDataArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--label_noise", "0.2", "--augment", "--max_train_samples", "10", "--eval_split", "test"]
+    )
+    assert args.label_noise == 0.2 and args.augment and args.max_train_samples == 10
+    assert args.image_column is None and args.num_labels is None
+
+
+# --------------------------------------------------------------------------------------
+# Data: digits
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset()
+
+
+def test_digits_dataset_splits(digits):
+    assert set(digits) == {"train", "test"}
+    n_train, n_test = len(digits["train"]), len(digits["test"])
+    assert n_train + n_test == 1797
+    assert abs(n_test / 1797 - 0.3) < 0.01
+    label_feature = digits["train"].features["label"]
+    assert isinstance(label_feature, datasets.ClassLabel)
+    assert label_feature.names == [str(i) for i in range(10)]
+    image = np.asarray(digits["train"][0]["image"])
+    assert image.shape == (8, 8)
+    assert image.min() >= 0 and image.max() <= 16
+    # Stratified: every class has (nearly) the same share in both splits.
+    train_counts = np.bincount(digits["train"]["label"], minlength=10) / n_train
+    test_counts = np.bincount(digits["test"]["label"], minlength=10) / n_test
+    assert np.abs(train_counts - test_counts).max() < 0.01
+    # Fixed seed: same split every call.
+    again = load_digits_dataset()
+    assert again["test"]["label"] == digits["test"]["label"]
+
+
+def test_digits_vision_data_rows_and_collate():
+    data = load_vision_data(VisionDataArguments())
+    assert (data.in_channels, data.image_size) == (1, 8)
+    assert data.label_names == [str(i) for i in range(10)]
+    assert list(data.evals) == ["test"]
+    assert len(data.train) + len(data.evals["test"]) == 1797
+    row = data.train[0]
+    assert set(row) == {"pixel_values", "labels"}
+    assert row["pixel_values"].shape == (1, 8, 8) and row["pixel_values"].dtype == torch.float32
+    assert row["labels"].dtype == torch.int64 and row["labels"].ndim == 0
+    batch = default_collate([data.evals["test"][i] for i in range(5)])
+    assert batch["pixel_values"].shape == (5, 1, 8, 8)
+    assert batch["labels"].shape == (5,) and batch["labels"].dtype == torch.int64
+    # Normalised with train statistics: train pixels have ~zero mean, ~unit std.
+    train_pixels = data.train[:]["pixel_values"]
+    assert abs(train_pixels.mean().item()) < 1e-4
+    assert abs(train_pixels.std().item() - 1.0) < 1e-3
+
+
+def test_digits_label_noise_exact_and_deterministic(digits):
+    clean_train = np.asarray(digits["train"]["label"])
+    clean_test = np.asarray(digits["test"]["label"])
+    args = VisionDataArguments(label_noise=0.3, label_noise_seed=123)
+    data = load_vision_data(args)
+    noisy_train = data.train[:]["labels"].numpy()
+    changed = np.flatnonzero(noisy_train != clean_train)
+    assert len(changed) == round(0.3 * len(clean_train))
+    assert changed.tolist() == data.noisy_indices
+    assert set(noisy_train.tolist()) <= set(range(10))
+    # Eval split stays clean.
+    np.testing.assert_array_equal(data.evals["test"][:]["labels"].numpy(), clean_test)
+    # Deterministic for a given seed, different for another seed.
+    again = load_vision_data(args)
+    np.testing.assert_array_equal(again.train[:]["labels"].numpy(), noisy_train)
+    other = load_vision_data(VisionDataArguments(label_noise=0.3, label_noise_seed=124))
+    assert not np.array_equal(other.train[:]["labels"].numpy(), noisy_train)
+    # Pixels are untouched by label noise.
+    clean = load_vision_data(VisionDataArguments())
+    assert torch.equal(clean.train[:]["pixel_values"], data.train[:]["pixel_values"])
+
+
+def test_label_noise_is_roughly_uniform_over_other_classes(digits):
+    clean = np.asarray(digits["train"]["label"])
+    data = load_vision_data(VisionDataArguments(label_noise=0.9, label_noise_seed=0))
+    noisy = data.train[:]["labels"].numpy()
+    changed = noisy != clean
+    assert changed.sum() == round(0.9 * len(clean))
+    # Offsets (new - old) mod 10 cover 1..9 about equally; never 0.
+    offsets = np.bincount((noisy[changed] - clean[changed]) % 10, minlength=10)
+    assert offsets[0] == 0
+    assert offsets[1:].min() > 0.5 * offsets[1:].mean()
+
+
+def test_max_samples_limits():
+    data = load_vision_data(VisionDataArguments(max_train_samples=50, max_eval_samples=20, label_noise=0.1))
+    assert len(data.train) == 50 and len(data.evals["test"]) == 20
+    assert len(data.noisy_indices) == 5
+
+
+def test_augment_applies_to_train_only():
+    plain = load_vision_data(VisionDataArguments(max_train_samples=32, max_eval_samples=32))
+    aug = load_vision_data(VisionDataArguments(max_train_samples=32, max_eval_samples=32, augment=True))
+    torch.manual_seed(0)
+    a = aug.train[:]["pixel_values"]
+    b = aug.train[:]["pixel_values"]
+    assert a.shape == plain.train[:]["pixel_values"].shape
+    assert not torch.equal(a, b)  # random crops/flips differ between passes
+    assert not torch.equal(a, plain.train[:]["pixel_values"])
+    assert torch.equal(aug.train[:]["labels"], plain.train[:]["labels"])
+    assert torch.equal(aug.evals["test"][:]["pixel_values"], plain.evals["test"][:]["pixel_values"])
+
+
+def test_digits_missing_split_and_column_errors():
+    with pytest.raises(ValueError, match=r"^eval_split: split 'validation' not in dataset; available: test, train$"):
+        load_vision_data(VisionDataArguments(eval_split="validation"))
+    with pytest.raises(ValueError, match=r"^train_split: split 'training' not in dataset"):
+        load_vision_data(VisionDataArguments(train_split="training"))
+    with pytest.raises(ValueError, match=r"^label_column: column 'foo' not in dataset; available: image, label$"):
+        load_vision_data(VisionDataArguments(label_column="foo"))
+    with pytest.raises(ValueError, match=r"^image_column: column 'pixels' not in dataset"):
+        load_vision_data(VisionDataArguments(image_column="pixels"))
+    with pytest.raises(ValueError, match=r"^num_labels: config says 5 but dataset 'digits' has 10 labels$"):
+        load_vision_data(VisionDataArguments(num_labels=5))
+    assert load_vision_data(VisionDataArguments(num_labels=10, max_train_samples=4)).num_labels == 10
+
+
+# --------------------------------------------------------------------------------------
+# Data: CIFAR-like local datasets through datasets.load_dataset
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def isolated_datasets_cache(tmp_path, monkeypatch):
+    # Keep load_dataset's Arrow cache out of the user's ~/.cache.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+
+
+@pytest.fixture
+def load_dataset_calls(monkeypatch):
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    return calls
+
+
+def test_make_cifar_like_schema(tmp_path):
+    root = make_cifar_like(tmp_path / "tiny10", n_train=20, n_test=10)
+    assert (root / "data" / "train-00000-of-00001.parquet").is_file()
+    assert (root / "data" / "test-00000-of-00001.parquet").is_file()
+    ds = datasets.load_dataset(str(root))
+    assert set(ds) == {"train", "test"}
+    assert isinstance(ds["train"].features["img"], datasets.Image)
+    assert ds["train"].features["label"].names == CIFAR10_NAMES
+    image = ds["train"][0]["img"]
+    assert image.mode == "RGB" and image.size == (32, 32)
+    assert len(ds["train"]) == 20 and len(ds["test"]) == 10
+
+
+def test_cifar_like_loads_through_load_dataset(tmp_path, load_dataset_calls):
+    root = make_cifar_like(tmp_path / "tiny10", n_train=40, n_test=20)
+    data = load_vision_data(VisionDataArguments(dataset_name=str(root), label_noise=0.25, label_noise_seed=1))
+    assert load_dataset_calls == [((str(root),), {})]
+    assert data.label_names == CIFAR10_NAMES
+    assert (data.in_channels, data.image_size) == (3, 32)
+    assert len(data.train) == 40 and len(data.evals["test"]) == 20
+    assert len(data.noisy_indices) == 10
+    row = data.train[0]
+    assert row["pixel_values"].shape == (3, 32, 32) and row["pixel_values"].dtype == torch.float32
+    assert row["labels"].dtype == torch.int64
+    batch = default_collate([data.evals["test"][i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["labels"].shape == (4,)
+    # Per-channel normalisation with train-split statistics.
+    pixels = data.train[:]["pixel_values"]
+    np.testing.assert_allclose(pixels.mean(dim=(0, 2, 3)).numpy(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(pixels.std(dim=(0, 2, 3)).numpy(), 1.0, atol=1e-2)
+    assert len(data.mean) == len(data.std) == 3
+
+
+def test_cifar_like_class_signal_is_learnable(tmp_path):
+    root = make_cifar_like(tmp_path / "tiny10", n_train=64, n_test=32)
+    data = load_vision_data(VisionDataArguments(dataset_name=str(root)))
+    train, test = data.train[:], data.evals["test"][:]
+    # Nearest class-mean colour classifier: the class signal must be easy.
+    feats_train = train["pixel_values"].mean(dim=(2, 3))
+    feats_test = test["pixel_values"].mean(dim=(2, 3))
+    centroids = torch.stack([feats_train[train["labels"] == c].mean(0) for c in range(10)])
+    pred = torch.cdist(feats_test, centroids).argmin(1)
+    assert (pred == test["labels"]).float().mean().item() >= 0.9
+
+
+def test_cifar100_like_uses_fine_label(tmp_path, load_dataset_calls):
+    root = make_cifar_like(tmp_path / "tiny100", num_classes=100, n_train=30, n_test=10, cifar100=True)
+    data = load_vision_data(VisionDataArguments(dataset_name=str(root), num_labels=100))
+    assert load_dataset_calls == [((str(root),), {})]
+    assert data.num_labels == 100
+    raw = datasets.load_dataset(str(root))
+    np.testing.assert_array_equal(data.train[:]["labels"].numpy(), raw["train"]["fine_label"])
+    # The coarse labels can be chosen explicitly.
+    coarse = load_vision_data(VisionDataArguments(dataset_name=str(root), label_column="coarse_label"))
+    assert coarse.num_labels == 20
+    np.testing.assert_array_equal(coarse.train[:]["labels"].numpy(), raw["train"]["coarse_label"])
+
+
+def test_cifar100_like_configured_class_count(tmp_path):
+    root = make_cifar_like(tmp_path / "tiny100", num_classes=12, n_train=24, n_test=12, cifar100=True, image_size=16)
+    data = load_vision_data(VisionDataArguments(dataset_name=str(root), augment=True))
+    assert data.num_labels == 12 and data.image_size == 16
+    assert data.train[0]["pixel_values"].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match=r"^num_labels: config says 100 but dataset '.*' has 12 labels$"):
+        load_vision_data(VisionDataArguments(dataset_name=str(root), num_labels=100))
+
+
+def test_cifar_like_errors_name_the_field(tmp_path):
+    root = make_cifar_like(tmp_path / "tiny10", n_train=10, n_test=10)
+    name = str(root)
+    with pytest.raises(ValueError, match=r"^eval_split: split 'validation' not in dataset; available: test, train$"):
+        load_vision_data(VisionDataArguments(dataset_name=name, eval_split="test,validation"))
+    with pytest.raises(ValueError, match=r"^label_column: column 'fine_label' not in dataset; available: img, label$"):
+        load_vision_data(VisionDataArguments(dataset_name=name, label_column="fine_label"))
+    with pytest.raises(ValueError, match=r"^image_column: column 'image' not in dataset"):
+        load_vision_data(VisionDataArguments(dataset_name=name, image_column="image"))
+    with pytest.raises(ValueError, match=r"^num_labels: config says 5 but dataset '.*' has 10 labels$"):
+        load_vision_data(VisionDataArguments(dataset_name=name, num_labels=5))
+
+
+def test_auto_detect_failure_names_the_field(tmp_path):
+    root = tmp_path / "odd"
+    (root / "data").mkdir(parents=True)
+    features = datasets.Features({"pic": datasets.Image(), "target": datasets.ClassLabel(names=["a", "b"])})
+    from PIL import Image
+
+    images = [Image.new("RGB", (4, 4), color=(i * 50, 0, 0)) for i in range(4)]
+    for split in ("train", "test"):
+        ds = datasets.Dataset.from_dict({"pic": images, "target": [0, 1, 0, 1]}, features=features)
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match=r"^image_column: could not auto-detect"):
+        load_vision_data(VisionDataArguments(dataset_name=str(root)))
+    with pytest.raises(ValueError, match=r"^label_column: could not auto-detect"):
+        load_vision_data(VisionDataArguments(dataset_name=str(root), image_column="pic"))
+    data = load_vision_data(VisionDataArguments(dataset_name=str(root), image_column="pic", label_column="target"))
+    assert data.label_names == ["a", "b"] and data.image_size == 4

@@ -1,0 +1,73 @@
+"""Vision recipe: SWA for image classification (PreResNet / WideResNet / a small BN CNN).
+
+Run:  accelerate launch --config_file accelerate_configs/cpu.yaml recipes/vision/train.py \
+          --config recipes/vision/configs/digits_small_cnn.yaml [--key value ...]
+The recipe only says how to get the data, build the model and save it; swa_accel does the rest.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The recipes run as plain scripts under `accelerate launch`; put the repo root on the path so
+# that `swa_accel` and `recipes` import without installing anything.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, parse_config  # noqa: E402
+from swa_accel.cli import run_recipe  # noqa: E402
+from swa_accel.config import ConfigError, resolved_config  # noqa: E402
+
+from recipes.vision.data import VisionDataArguments, load_vision_data  # noqa: E402
+from recipes.vision.models import MODEL_CLASSES, build_model  # noqa: E402
+
+
+@dataclass
+class VisionModelArguments:
+    """Which architecture to train."""
+
+    model_name: str = field(default="small_cnn", metadata={"help": "small_cnn, preresnet or wideresnet."})
+    depth: int = field(default=164, metadata={"help": "PreResNet / WideResNet depth."})
+    widen_factor: int = field(default=10, metadata={"help": "WideResNet width multiplier."})
+    width: int = field(default=32, metadata={"help": "SmallCNN base width."})
+    dropout: float = field(default=0.0, metadata={"help": "WideResNet dropout."})
+
+    def __post_init__(self) -> None:
+        if self.model_name not in MODEL_CLASSES:
+            raise ConfigError(f"model_name: unknown model {self.model_name!r}; choose one of {sorted(MODEL_CLASSES)}")
+
+    def kwargs(self) -> dict:
+        """Constructor arguments that the chosen architecture takes."""
+        if self.model_name == "preresnet":
+            return {"depth": self.depth}
+        if self.model_name == "wideresnet":
+            return {"depth": self.depth, "widen_factor": self.widen_factor, "dropout": self.dropout}
+        return {"width": self.width}
+
+
+def save_model(module, folder: Path) -> None:
+    """safetensors + config.json, reloadable with `<ModelClass>.from_pretrained(folder)`."""
+    module.save_pretrained(folder)
+
+
+def setup(argv: list[str]):
+    data_args, model_args, training, swa = parse_config(
+        (VisionDataArguments, VisionModelArguments, TrainingArguments, SWAArguments), argv
+    )
+    accelerator = make_accelerator(training)
+    with accelerator.main_process_first():
+        data = load_vision_data(data_args)
+
+    def model_factory():
+        return build_model(model_args.model_name, num_classes=data.num_labels, in_channels=data.in_channels,
+                           **model_args.kwargs())
+
+    task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals, save_model=save_model)
+    config = resolved_config((data_args, model_args, training, swa))
+    config["label_names"] = list(data.label_names)
+    return task, training, swa, accelerator, config
+
+
+if __name__ == "__main__":
+    run_recipe(setup)

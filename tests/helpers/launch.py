@@ -1,0 +1,44 @@
+"""Runs a recipe or script through the real `accelerate launch`, with 1 or 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = {1: ROOT / "accelerate_configs" / "cpu.yaml", 2: ROOT / "accelerate_configs" / "cpu_2proc.yaml"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script: str | Path, args: list[str], num_processes: int = 1, timeout: int = 300,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file <cpu config> script args`, from the repo root.
+
+    Each 2-process launch gets its own rendezvous port so that launches never collide.
+    """
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--config_file", str(CONFIGS[num_processes])]
+    if num_processes > 1:
+        command += ["--main_process_port", str(free_port())]
+    command += [str(script), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def run_python(script: str | Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Plain `python script args` (one process, no launcher), for fast error-path checks."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,170 @@
+"""Text recipe: SWA for sequence classification with any transformers encoder (BERT / RoBERTa / DeBERTa ...).
+
+Run:  accelerate launch --config_file accelerate_configs/cpu.yaml recipes/text/train.py \
+          --config recipes/text/configs/wordnet_sentiment_minilm.yaml [--key value ...]
+The recipe only says how to get the data, build the model and save it; swa_accel does the rest.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+# The recipes run as plain scripts under `accelerate launch`; put the repo root on the path so
+# that `swa_accel` and `recipes` import without installing anything.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, parse_config  # noqa: E402
+from swa_accel.cli import run_recipe  # noqa: E402
+from swa_accel.config import ConfigError, resolved_config  # noqa: E402
+
+from recipes.text.data import TextDataArguments, load_text_data  # noqa: E402
+
+#: GLUE reports Matthews correlation for CoLA; every task also gets accuracy, F1 (macro for >2
+#: classes), NLL and expected calibration error.
+BASE_METRICS = ("accuracy", "f1", "nll", "ece")
+EXTRA_METRICS = {"cola": ("matthews_correlation",)}
+
+
+@dataclass
+class TextModelArguments:
+    """How the model is built from `model_name_or_path` (which lives in the data arguments)."""
+
+    dropout_off: bool = field(
+        default=False,
+        metadata={"help": "Set every dropout probability of the model config to 0 (deterministic training)."},
+    )
+    train_from_scratch: bool = field(
+        default=False,
+        metadata={"help": "Randomly initialise from the checkpoint's config (plus config_overrides) instead of "
+                          "loading its weights; the tokenizer still comes from model_name_or_path."},
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma list of config fields to change, e.g. 'hidden_size=32,num_hidden_layers=2'."},
+    )
+
+    def __post_init__(self) -> None:
+        self.overrides()  # fail at parse time on a malformed list
+
+    def overrides(self) -> dict[str, str]:
+        """`config_overrides` as {field: raw value}."""
+        if not self.config_overrides:
+            return {}
+        pairs = {}
+        for item in self.config_overrides.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ConfigError(f"config_overrides: expected key=value items separated by commas, got {item!r}")
+            pairs[key.strip()] = value.strip()
+        return pairs
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _convert(key: str, raw: str, current: Any) -> Any:
+    """Parses an override string with the type of the config field it replaces."""
+    if raw.lower() == "none":
+        return None
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false"):
+            raise ConfigError(f"config_overrides: {key}={raw!r} is not true or false")
+        return raw.lower() == "true"
+    for kind in ((int,) if isinstance(current, int) else (float,) if isinstance(current, float)
+                 else (int, float) if current is None else ()):
+        try:
+            return kind(raw)
+        except ValueError:
+            continue
+    if isinstance(current, (int, float)):
+        raise ConfigError(f"config_overrides: {key}={raw!r} is not a valid {type(current).__name__}")
+    return raw
+
+
+def load_model_config(model_args: TextModelArguments, path: str, label_names: list[str]):
+    """The checkpoint's config with this task's labels, overrides and (optionally) no dropout."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"model_name_or_path: cannot load a model config from {path!r}: {_first_line(error)}") from None
+    for key, raw in model_args.overrides().items():
+        if not hasattr(config, key):
+            raise ConfigError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, _convert(key, raw, getattr(config, key)))
+    if model_args.dropout_off:
+        # BERT/RoBERTa: hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout;
+        # DeBERTa: pooler_dropout; DistilBERT: dropout, attention_dropout, seq_classif_dropout ...
+        for key, value in list(config.to_dict().items()):
+            if "dropout" in key and (isinstance(value, float) or value is None) and hasattr(config, key):
+                setattr(config, key, 0.0)
+    return config
+
+
+def make_save_model(tokenizer):
+    def save_model(module, folder: Path) -> None:
+        """safetensors + config.json (with id2label) + tokenizer: loadable by from_pretrained and pipeline()."""
+        module.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return save_model
+
+
+def setup(argv: list[str]):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data_args, model_args, training, swa = parse_config(
+        (TextDataArguments, TextModelArguments, TrainingArguments, SWAArguments), argv
+    )
+    accelerator = make_accelerator(training)
+    path = data_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"model_name_or_path: cannot load a tokenizer from {path!r}: {_first_line(error)}") from None
+    data = load_text_data(data_args, tokenizer, main_process_first=accelerator.main_process_first)
+    model_config = load_model_config(model_args, path, data.label_names)
+
+    built: list = []
+
+    def model_factory():
+        # The first call (right after set_seed) loads the pretrained weights and seeds the new head;
+        # later calls only need the architecture, since the loop loads a full state dict into it.
+        if built or model_args.train_from_scratch:
+            model = AutoModelForSequenceClassification.from_config(built[0].config if built else model_config)
+        else:
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=model_config)
+            except OSError as error:
+                raise ValueError(f"model_name_or_path: cannot load weights from {path!r}: {_first_line(error)}") \
+                    from None
+        if not built:
+            built.append(model)
+        return model
+
+    def collate_fn(rows):
+        # DataCollatorWithPadding returns a BatchEncoding (a UserDict, not a dict); swa_accel's batch
+        # handling recognises plain dicts, so hand it one.
+        return dict(data.collate_fn(rows))
+
+    metric_names = BASE_METRICS + EXTRA_METRICS.get(data_args.dataset_config_name or "", ())
+    task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals,
+                save_model=make_save_model(tokenizer), collate_fn=collate_fn, metric_names=metric_names,
+                primary_metric="accuracy")
+    config = resolved_config((data_args, model_args, training, swa))
+    config["label_names"] = list(data.label_names)
+    config["num_processes"] = accelerator.num_processes
+    return task, training, swa, accelerator, config
+
+
+if __name__ == "__main__":
+    run_recipe(setup)

@@ -36,7 +36,9 @@ def shard_loader(
     """This rank's round-robin share of the in-order batches, without padding uneven shards."""
     batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
     sharded = BatchSamplerShard(batches, num_processes, process_index, split_batches=False, even_batches=False)
-    return DataLoader(dataset, batch_sampler=sharded, collate_fn=collate_fn, num_workers=num_workers)
+    # A private generator: iterating this loader must not draw from the global RNG (see seeding.py).
+    return DataLoader(dataset, batch_sampler=sharded, collate_fn=collate_fn, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()

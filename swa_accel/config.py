@@ -53,6 +53,9 @@ class TrainingArguments:
     checkpointing_steps: Optional[str] = _help("'epoch', an integer number of optimizer steps, or None.", default="epoch")
     checkpoints_total_limit: int = _help("Keep only the newest K checkpoints.", default=2)
     resume_from_checkpoint: Optional[str] = _help("'latest' or a checkpoint folder.", default=None)
+    stop_after_step: Optional[int] = _help(
+        "End this run right after this optimizer step, with a checkpoint, as a preemption would; "
+        "continue later with --resume_from_checkpoint latest.", default=None)
     report_to: str = _help("Accelerate trackers: none, all, or a comma list (tensorboard, wandb, ...).", default="none")
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
     plot: bool = _help("Write curves.png at the end.", default=True)
@@ -63,7 +66,7 @@ class TrainingArguments:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "eval_steps"):
+        for name in ("max_train_steps", "eval_steps", "stop_after_step"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1 when set, got {value}")

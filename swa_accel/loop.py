@@ -29,6 +29,7 @@ from .evaluation import evaluate_model, load_metrics
 from .optim import build_optimizer
 from .outputs import MetricsLog, plot_curves, summary_table, write_resolved_config
 from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
+from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
 
 logger = get_logger(__name__)
 
@@ -83,13 +84,17 @@ class Trainer:
         set_seed(training.seed)
         model = task.build_model().to(self.dtype)
         optimizer = build_optimizer(model, training)
-        train_loader = DataLoader(task.train_dataset, batch_size=training.per_device_train_batch_size, shuffle=True,
-                                  collate_fn=task.collate_fn, num_workers=training.dataloader_num_workers)
+        self.train_view = SeededView(task.train_dataset, training.seed, TRAIN_STREAM)
+        self.bn_view = SeededView(task.train_dataset, training.seed, BN_STREAM)
+        train_loader = DataLoader(self.train_view, batch_size=training.per_device_train_batch_size, shuffle=True,
+                                  collate_fn=task.collate_fn, num_workers=training.dataloader_num_workers,
+                                  generator=loader_generator(training.seed))
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
         self.eval_loaders = {
             name: accelerator.prepare(DataLoader(ds, batch_size=training.per_device_eval_batch_size,
                                                  collate_fn=task.collate_fn,
-                                                 num_workers=training.dataloader_num_workers))
+                                                 num_workers=training.dataloader_num_workers,
+                                                 generator=loader_generator(training.seed)))
             for name, ds in task.eval_datasets.items()
         }
         self.plan: TrainingPlan = make_plan(len(self.train_loader), training, swa)
@@ -108,7 +113,9 @@ class Trainer:
 
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_resolved_config(self.output_dir, config, argv)
+            launch = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+                      "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)}
+            write_resolved_config(self.output_dir, config, argv, launch)
         accelerator.wait_for_everyone()
         if self.resume_path is not None:
             accelerator.load_state(str(self.resume_path))
@@ -130,9 +137,10 @@ class Trainer:
         module = self.averager.materialize(self.task.build_model, acc.unwrap_model(self.model), acc.device,
                                            acc.num_processes)
         if self.swa.swa_method == "swa":
+            self.bn_view.set_epoch(self.state.global_step)
             recompute_bn(
                 module,
-                lambda: shard_loader(self.task.train_dataset, self.training.per_device_train_batch_size,
+                lambda: shard_loader(self.bn_view, self.training.per_device_train_batch_size,
                                      self.task.collate_fn, acc.num_processes, acc.process_index,
                                      self.training.dataloader_num_workers),
                 acc.device, acc.num_processes, acc.process_index, self.swa.bn_recompute_max_batches, acc.autocast,
@@ -227,7 +235,7 @@ class Trainer:
         swa_module = None
         if self.eval_due(epoch_end):
             _, swa_module = self.evaluate()
-        if self.checkpoint_due(epoch_end):
+        if self.checkpoint_due(epoch_end) or self.state.global_step == self.training.stop_after_step:
             self.checkpoint(swa_module)
 
     def run(self) -> dict:
@@ -239,6 +247,7 @@ class Trainer:
         self.model.train()
         while self.state.global_step < plan.total_steps:
             self.train_loader.set_epoch(self.state.epoch)
+            self.train_view.set_epoch(self.state.epoch)
             loader = self.train_loader
             if self.state.batches_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, self.state.batches_in_epoch)
@@ -249,10 +258,19 @@ class Trainer:
                     self.after_optimizer_step()
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.current_lr():.4g}")
-                    if self.state.global_step >= plan.total_steps:
+                    if self.state.global_step >= plan.total_steps or self.stop_requested():
                         break
+            if self.stop_requested():
+                progress.close()
+                logger.info(f"stopped after step {self.state.global_step} as asked (stop_after_step); "
+                            "continue with --resume_from_checkpoint latest", main_process_only=True)
+                acc.end_training()
+                return {}
         progress.close()
         return self.finish()
+
+    def stop_requested(self) -> bool:
+        return self.state.global_step == self.training.stop_after_step
 
     def finish(self) -> dict:
         """Final evaluation, last checkpoint, exports, plot and the closing table."""

@@ -20,9 +20,9 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() or None
 
 
-def write_resolved_config(output_dir: Path, config: dict[str, Any], argv: list[str]) -> None:
-    """Writes config.yaml: every resolved value, the command line and the git commit."""
-    record = {"config": config, "argv": argv, "git_commit": git_commit()}
+def write_resolved_config(output_dir: Path, config: dict[str, Any], argv: list[str], launch: dict[str, Any]) -> None:
+    """Writes config.yaml: every resolved value, the launch as accelerate saw it, the command line, the commit."""
+    record = {"config": config, "launch": launch, "argv": argv, "git_commit": git_commit()}
     (output_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
 
 

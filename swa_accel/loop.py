@@ -7,7 +7,9 @@ save a model) and calls `train`. Everything SWA-specific happens here and in the
 from __future__ import annotations
 
 import json
-import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -105,6 +107,7 @@ class Trainer:
             self.averager = WeightAverager(self.model, swa.swa_method, placement, accelerator.process_index,
                                            swa.ema_decay, swa.ema_warmup, swa.ema_buffers)
         self.state = TrainState()
+        self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, written to final/timings.json
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         if self.averager is not None:
             accelerator.register_for_checkpointing(self.averager)
@@ -138,14 +141,22 @@ class Trainer:
                                            acc.num_processes)
         if self.swa.swa_method == "swa":
             self.bn_view.set_epoch(self.state.global_step)
-            recompute_bn(
-                module,
-                lambda: shard_loader(self.bn_view, self.training.per_device_train_batch_size,
-                                     self.task.collate_fn, acc.num_processes, acc.process_index,
-                                     self.training.dataloader_num_workers),
-                acc.device, acc.num_processes, acc.process_index, self.swa.bn_recompute_max_batches, acc.autocast,
-            )
+            with self.timed("bn_recompute"):
+                recompute_bn(
+                    module,
+                    lambda: shard_loader(self.bn_view, self.training.per_device_train_batch_size,
+                                         self.task.collate_fn, acc.num_processes, acc.process_index,
+                                         self.training.dataloader_num_workers),
+                    acc.device, acc.num_processes, acc.process_index, self.swa.bn_recompute_max_batches,
+                    acc.autocast,
+                )
         return module
+
+    @contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.timings[phase] += time.perf_counter() - start
 
     # ----- evaluation and checkpoints ----------------------------------------------------
 
@@ -157,12 +168,14 @@ class Trainer:
         acc = self.accelerator
         results: dict[str, dict[str, dict[str, float]]] = {"base": {}}
         base = acc.unwrap_model(self.model)
-        for split, loader in self.eval_loaders.items():
-            results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
+        with self.timed("evaluation"):
+            for split, loader in self.eval_loaders.items():
+                results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
         swa_module = self.averaged_model()
         if swa_module is not None:
-            results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics)
-                              for split, loader in self.eval_loaders.items()}
+            with self.timed("evaluation"):
+                results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics)
+                                  for split, loader in self.eval_loaders.items()}
         step, epoch = self.state.global_step, self.state.epoch
         if acc.is_main_process:
             for model_name, by_split in results.items():
@@ -183,8 +196,9 @@ class Trainer:
         writer = None
         if swa_module is not None:
             writer = lambda folder: self.task.save_model(swa_module, folder / "swa_model")  # noqa: E731
-        path = save_checkpoint(self.accelerator, self.checkpoint_root, self.state.global_step,
-                               self.training.checkpoints_total_limit, writer)
+        with self.timed("checkpointing"):
+            path = save_checkpoint(self.accelerator, self.checkpoint_root, self.state.global_step,
+                                   self.training.checkpoints_total_limit, writer)
         logger.info(f"saved checkpoint {path}")
 
     def eval_due(self, epoch_end: bool) -> bool:
@@ -229,7 +243,8 @@ class Trainer:
             self.plan.update_after_step(self.state.global_step)
             or (epoch_end and self.plan.update_at_epoch_end(self.state.global_step))
         ):
-            self.averager.update(self.model)
+            with self.timed("averaging_updates"):
+                self.averager.update(self.model)
         if self.state.global_step >= self.plan.total_steps:
             return  # the last step's evaluation and checkpoint happen in finish()
         swa_module = None
@@ -240,6 +255,7 @@ class Trainer:
 
     def run(self) -> dict:
         acc, plan = self.accelerator, self.plan
+        run_start = time.perf_counter()
         logger.info(f"{plan.total_steps} optimizer steps ({plan.num_epochs} epochs of {plan.steps_per_epoch}); "
                     f"averaging ({self.swa.swa_method}) from step {plan.swa_start_step}", main_process_only=True)
         progress = tqdm(total=plan.total_steps, initial=self.state.global_step,
@@ -267,6 +283,7 @@ class Trainer:
                 acc.end_training()
                 return {}
         progress.close()
+        self.timings["total"] = time.perf_counter() - run_start
         return self.finish()
 
     def stop_requested(self) -> bool:
@@ -285,6 +302,8 @@ class Trainer:
             if swa_module is not None:
                 self.task.save_model(swa_module, final_dir / "swa")
             (final_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+            # Phase timings of this process (total = the training loop, before the final evaluation).
+            (final_dir / "timings.json").write_text(json.dumps(self.timings, indent=2), encoding="utf-8")
             if self.training.plot:
                 lrs = [lr_factor(s, self.plan, self.training, self.swa) * self.training.learning_rate
                        for s in range(self.plan.total_steps)]

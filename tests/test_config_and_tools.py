@@ -1,0 +1,70 @@
+"""Every recipe YAML parses and validates; the start chooser; the launch guard; config parsing."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import swa_accel.launch as launch_module
+from recipes.vision.data import VisionDataArguments
+from recipes.vision.train import VisionModelArguments
+from swa_accel.choose_start import main as choose_start_main
+from swa_accel.choose_start import suggest_start
+from swa_accel.config import ConfigError, SWAArguments, TrainingArguments, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+VISION = (VisionDataArguments, VisionModelArguments, TrainingArguments, SWAArguments)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "vision" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_vision_yaml_parses_and_says_how_to_run_it(path):
+    data, model, training, swa = parse_config(VISION, ["--config", str(path)])
+    assert training.output_dir.startswith("outputs/")
+    assert swa.swa_method == "swa"
+    header = path.read_text().splitlines()[:12]
+    assert any("./run.sh" in line and path.name in line for line in header), "header must show the command"
+
+
+def test_yaml_values_then_command_line_overrides():
+    path = ROOT / "recipes" / "vision" / "configs" / "digits_small_cnn.yaml"
+    _, model, training, swa = parse_config(VISION, ["--config", str(path), "--swa_lr", "0.02", "--width", "8"])
+    assert swa.swa_lr == 0.02 and model.width == 8
+    assert training.num_train_epochs == 40 and training.weight_decay == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["--swa_start_fraction", "1.0"], "swa_start_fraction"),
+    (["--swa_start_epoch", "2", "--swa_start_step", "5"], "swa_start_epoch"),
+    (["--swa_method", "polyak"], "swa_method"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+    (["--checkpointing_steps", "sometimes"], "checkpointing_steps"),
+    (["--ema_decay", "1.5"], "ema_decay"),
+    (["--lr_scheduler_type", "step"], "lr_scheduler_type"),
+])
+def test_invalid_values_name_the_field(argv, field):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        parse_config((TrainingArguments, SWAArguments), argv)
+
+
+def records(nll_by_epoch):
+    return [{"step": 10 * e, "epoch": e, "model": "base", "split": "test", "nll": v, "accuracy": 0.5}
+            for e, v in enumerate(nll_by_epoch, start=1)]
+
+
+def test_choose_start_finds_where_validation_loss_turns_up(tmp_path, capsys):
+    epoch, why = suggest_start(records([1.0, 0.7, 0.5, 0.45, 0.5, 0.6, 0.8]))
+    assert epoch == 4 and "rises" in why
+    epoch, why = suggest_start(records([1.0, 0.8, 0.6]))
+    assert epoch == 3 and "still falling" in why
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records([0.9, 0.4, 0.6])))
+    assert choose_start_main([str(path)]) == 0
+    assert "override: --swa_start_epoch 2" in capsys.readouterr().out
+    assert choose_start_main([str(path), "--split", "validation"]) == 2
+
+
+def test_launch_guard_refuses_a_launch_whose_processes_did_not_join(monkeypatch, tmp_path):
+    # As if a launcher had started 2 processes that each came up alone as rank 0.
+    monkeypatch.setattr(launch_module, "launched_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="^launch: the launcher started 2 processes but accelerate sees 1"):
+        launch_module.make_accelerator(TrainingArguments(output_dir=str(tmp_path)))

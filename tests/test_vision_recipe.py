@@ -99,6 +99,24 @@ def test_lr_per_step_is_the_same_for_processes_and_accumulation(runs):
     assert lr_by_step("two") == one
     assert lr_by_step("accum") == one
     assert len({lr for _, lr in one}) > 1  # the anneal really moved the LR
+    # Averaging counts optimizer steps too: every 2 steps from step 8 is 4 updates, whatever the layout.
+    assert {final_record(runs[name][0], "swa")["n_averaged"] for name in runs} == {4}
+
+
+def test_ema_with_bf16_weights_and_bf16_autocast_keeps_an_fp32_average(cifar_dir, tmp_path):
+    out = tmp_path / "ema"
+    launch(SCRIPT, common(cifar_dir, out, "--per_device_train_batch_size", "16", "--swa_method", "ema",
+                          "--ema_decay", "0.8", "--swa_update_every_steps", "1", "--model_dtype", "bfloat16",
+                          "--checkpointing_steps", "None"), launcher_args=("--mixed_precision", "bf16"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["launch"]["mixed_precision"] == "bf16"
+    base = load_file(out / "final" / "base" / "model.safetensors")
+    ema = load_file(out / "final" / "swa" / "model.safetensors")
+    weight = next(k for k in base if k.endswith("conv1.weight"))
+    assert base[weight].dtype == torch.bfloat16 and ema[weight].dtype == torch.float32
+    # The fp32 EMA is not just the bf16 weights cast up: it carries bits bf16 cannot hold.
+    assert not torch.equal(ema[weight], ema[weight].bfloat16().float())
+    record = final_record(out, "swa")
+    assert record["n_averaged"] == 8 and 0.0 <= record["accuracy"] <= 1.0
 
 
 def test_resume_after_a_checkpoint_gives_bit_identical_final_weights(runs, cifar_dir, tmp_path):

@@ -47,6 +47,8 @@ class TextModelArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.config_overrides is not None and self.config_overrides.strip().lower() in ("", "none"):
+            self.config_overrides = None
         self.overrides()  # fail at parse time on a malformed list
 
     def overrides(self) -> dict[str, str]:
@@ -110,6 +112,11 @@ def load_model_config(model_args: TextModelArguments, path: str, label_names: li
     return config
 
 
+def task_metrics(dataset_config_name: Optional[str]) -> tuple[str, ...]:
+    """Metric names for a task: the GLUE ones (Matthews correlation for CoLA) plus NLL and ECE."""
+    return BASE_METRICS + EXTRA_METRICS.get(dataset_config_name or "", ())
+
+
 def make_save_model(tokenizer):
     def save_model(module, folder: Path) -> None:
         """safetensors + config.json (with id2label) + tokenizer: loadable by from_pretrained and pipeline()."""
@@ -156,7 +163,7 @@ def setup(argv: list[str]):
         # handling recognises plain dicts, so hand it one.
         return dict(data.collate_fn(rows))
 
-    metric_names = BASE_METRICS + EXTRA_METRICS.get(data_args.dataset_config_name or "", ())
+    metric_names = task_metrics(data_args.dataset_config_name)
     task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals,
                 save_model=make_save_model(tokenizer), collate_fn=collate_fn, metric_names=metric_names,
                 primary_metric="accuracy")

@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def launch(script: str | Path, args: list[str], num_processes: int = 1, timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file <cpu config> script args`, from the repo root.
 
     Each 2-process launch gets its own rendezvous port so that launches never collide.
@@ -28,7 +28,7 @@ def launch(script: str | Path, args: list[str], num_processes: int = 1, timeout:
     command = [str(accelerate), "launch", "--config_file", str(CONFIGS[num_processes])]
     if num_processes > 1:
         command += ["--main_process_port", str(free_port())]
-    command += [str(script), *args]
+    command += [*launcher_args, str(script), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TQDM_DISABLE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

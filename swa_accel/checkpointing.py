@@ -76,6 +76,8 @@ def save_checkpoint(accelerator, checkpoint_root: Path, global_step: int, keep: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # Every rank writes its own RNG file into `tmp`; rename only once all of them are done.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extra_writer is not None:
             extra_writer(tmp)

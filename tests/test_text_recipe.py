@@ -46,9 +46,9 @@ E2E_ARGS = [
 
 # Dropout off and plain SGD: the runs below must agree to float rounding.
 EQUIV_ARGS = [
-    "--dataset_config_name", "sst2", "--dropout_off", "true", "--optimizer", "sgd", "--learning_rate", "0.05",
+    "--dataset_config_name", "sst2", "--dropout_off", "true", "--optimizer", "sgd", "--learning_rate", "1.0",
     "--momentum", "0.9", "--lr_scheduler_type", "linear", "--num_warmup_steps", "1", "--max_train_steps", "6",
-    "--swa_start_step", "2", "--swa_lr", "0.02", "--swa_anneal_steps", "2", "--swa_update_every_steps", "1",
+    "--swa_start_step", "2", "--swa_lr", "0.5", "--swa_anneal_steps", "2", "--swa_update_every_steps", "1",
     "--eval_every_epochs", "100", "--checkpointing_steps", "none", "--plot", "false", "--max_eval_samples", "32",
     "--max_length", str(MAX_LENGTH), "--seed", "0",
 ]
@@ -88,12 +88,12 @@ def recompute(folder: Path, glue_dir: Path, task: str) -> tuple[float, float, li
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     if task == "mrpc":
-        enc = tokenizer(raw["sentence1"], raw["sentence2"], padding=True, truncation=True, max_length=MAX_LENGTH,
+        enc = tokenizer(list(raw["sentence1"]), list(raw["sentence2"]), padding=True, truncation=True, max_length=MAX_LENGTH,
                         return_tensors="pt")
     else:
         enc = tokenizer(list(raw["sentence"]), padding=True, truncation=True, max_length=MAX_LENGTH,
                         return_tensors="pt")
-    labels = torch.tensor(raw["label"])
+    labels = torch.tensor(list(raw["label"]))
     with torch.no_grad():
         logits = model(**enc).logits.double()
     predictions = logits.argmax(-1)
@@ -132,9 +132,9 @@ def check_run(out: Path, glue_dir: Path, task: str, num_processes: int, steps_pe
     classifier = pipeline("text-classification", model=str(out / "final" / "swa"), device="cpu")
     raw = datasets.load_dataset(str(glue_dir), task)["validation"]
     if task == "mrpc":
-        inputs = [{"text": a, "text_pair": b} for a, b in zip(raw["sentence1"][:8], raw["sentence2"][:8])]
+        inputs = [{"text": a, "text_pair": b} for a, b in zip(list(raw["sentence1"])[:8], list(raw["sentence2"])[:8])]
     else:
-        inputs = list(raw["sentence"][:8])
+        inputs = list(raw["sentence"])[:8]
     outputs = classifier(inputs)
     assert [o["label"] for o in outputs] == [LABELS[task][p] for p in predictions[:8]]
 
@@ -222,7 +222,7 @@ def check_reference(reference: Path) -> None:
     # The average really differs from the last iterate, so comparing it is not comparing base twice.
     base = load_file(str(reference / "final" / "base" / "model.safetensors"))
     averaged = load_file(str(reference / "final" / "swa" / "model.safetensors"))
-    assert max((base[k] - averaged[k]).abs().max().item() for k in base) > 1e-4
+    assert max((base[k] - averaged[k]).abs().max().item() for k in base) > 1e-3
 
 
 def test_accumulation_matches_large_batch(glue_dir, tiny_bert, reference_run, tmp_path):

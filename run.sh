@@ -64,4 +64,4 @@ fi
 SCRIPT="$(dirname "$(dirname "$RECIPE")")/train.py"
 [[ -f "$SCRIPT" ]] || { echo "error: config: no train.py beside '$RECIPE' (expected $SCRIPT)" >&2; exit 2; }
 
-exec "$VENV/bin/accelerate" launch --config_file "$ACCELERATE_CONFIG" "$SCRIPT" --config "$RECIPE" "$@"
+exec "$VENV/bin/accelerate" launch --quiet --config_file "$ACCELERATE_CONFIG" "$SCRIPT" --config "$RECIPE" "$@"

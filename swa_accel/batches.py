@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 
 def split_batch(batch: Any) -> tuple[tuple, dict, Optional[torch.Tensor]]:
     """Splits a batch into positional inputs, keyword inputs and labels (None when absent)."""
-    if isinstance(batch, dict):
+    # Mapping, not dict: HF collators return BatchEncoding, a UserDict.
+    if isinstance(batch, Mapping):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return (), inputs, batch.get("labels")
     if isinstance(batch, (tuple, list)):
@@ -24,7 +26,7 @@ def cast_floating(obj: Any, dtype: Optional[torch.dtype]) -> Any:
         return obj
     if isinstance(obj, torch.Tensor):
         return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: cast_floating(v, dtype) for k, v in obj.items()}
     if isinstance(obj, tuple):
         return tuple(cast_floating(v, dtype) for v in obj)

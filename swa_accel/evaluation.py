@@ -10,7 +10,6 @@ import contextlib
 from pathlib import Path
 from typing import Callable, Optional
 
-import evaluate
 import torch
 
 from .batches import forward_logits
@@ -21,6 +20,8 @@ PROBABILITY_METRICS = ("nll", "ece")
 
 def load_metrics(names: list[str], main_process_first: Callable = contextlib.nullcontext) -> dict:
     """Loads each metric once; local modules first, so nothing is fetched for the shipped ones."""
+    import evaluate  # imported here: it costs seconds, and only a training run needs it
+
     metrics = {}
     # evaluate copies module scripts into its cache; let the main process do it before the others read it.
     with main_process_first():

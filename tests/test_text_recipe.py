@@ -109,9 +109,9 @@ def check_run(out: Path, glue_dir: Path, task: str, num_processes: int, steps_pe
     assert checkpoints and all(name.startswith("step_") for name in checkpoints), checkpoints
     assert (out / "checkpoints" / checkpoints[-1] / "swa_model" / "config.json").is_file()
 
-    resolved = yaml.safe_load((out / "config.yaml").read_text())["config"]
-    assert resolved["num_processes"] == num_processes
-    assert resolved["label_names"] == LABELS[task]
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["launch"]["num_processes"] == num_processes
+    assert written["config"]["label_names"] == LABELS[task]
     records = read_jsonl(out / "metrics.jsonl")
     # The per-epoch evaluations land on multiples of the per-process step count: with 2 processes
     # each one sees half the batches, so an epoch takes half as many optimizer steps.
@@ -239,7 +239,7 @@ def test_two_processes_match_one_process(glue_dir, tiny_bert, reference_run, tmp
     launch(SCRIPT, data_args(glue_dir, tiny_bert, "sst2") + EQUIV_ARGS
            + ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1", "--output_dir", str(out)],
            num_processes=2)
-    assert yaml.safe_load((out / "config.yaml").read_text())["config"]["num_processes"] == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["launch"]["num_processes"] == 2
     assert_same_weights(out, reference_run, "swa")
     assert_same_weights(out, reference_run, "base")
 

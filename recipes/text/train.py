@@ -158,18 +158,12 @@ def setup(argv: list[str]):
             built.append(model)
         return model
 
-    def collate_fn(rows):
-        # DataCollatorWithPadding returns a BatchEncoding (a UserDict, not a dict); swa_accel's batch
-        # handling recognises plain dicts, so hand it one.
-        return dict(data.collate_fn(rows))
-
     metric_names = task_metrics(data_args.dataset_config_name)
     task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals,
-                save_model=make_save_model(tokenizer), collate_fn=collate_fn, metric_names=metric_names,
+                save_model=make_save_model(tokenizer), collate_fn=data.collate_fn, metric_names=metric_names,
                 primary_metric="accuracy")
     config = resolved_config((data_args, model_args, training, swa))
     config["label_names"] = list(data.label_names)
-    config["num_processes"] = accelerator.num_processes
     return task, training, swa, accelerator, config
 
 

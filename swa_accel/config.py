@@ -29,6 +29,8 @@ class TrainingArguments:
     """Loop, optimiser and bookkeeping settings shared by every recipe."""
 
     output_dir: str = _help("Where checkpoints, metrics and final models go.", default="outputs/run")
+    overwrite_output_dir: bool = _help("Start afresh in an output_dir that already holds a run, deleting its "
+                                       "checkpoints and final models.", default=False)
     seed: int = _help("Seeds Python, NumPy and torch (model init, shuffling, augmentation).", default=0)
     num_train_epochs: int = _help("Training budget in epochs (ignored when max_train_steps is set).", default=3)
     max_train_steps: Optional[int] = _help("Training budget in optimizer steps; overrides num_train_epochs.", default=None)

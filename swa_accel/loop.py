@@ -7,10 +7,11 @@ save a model) and calls `train`. Everything SWA-specific happens here and in the
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,7 +27,7 @@ from .averaging import MainProcessPlacement, WeightAverager
 from .batches import forward_logits
 from .batchnorm import recompute_bn, shard_loader
 from .checkpointing import TrainState, resolve_resume_path, save_checkpoint
-from .config import SWAArguments, TrainingArguments
+from .config import ConfigError, SWAArguments, TrainingArguments
 from .evaluation import evaluate_model, load_metrics
 from .optim import build_optimizer
 from .outputs import MetricsLog, plot_curves, summary_table, write_resolved_config
@@ -61,7 +62,6 @@ class Task:
     collate_fn: Optional[Callable] = None
     metric_names: tuple[str, ...] = ("accuracy", "nll", "ece")
     primary_metric: str = "accuracy"
-    extra: dict = field(default_factory=dict)
 
 
 def _tracker_config(config: dict) -> dict:
@@ -79,6 +79,17 @@ class Trainer:
         self.checkpoint_root = self.output_dir / "checkpoints"
         # Resolve the checkpoint before anything heavy, so a bad path fails fast.
         self.resume_path = resolve_resume_path(training.resume_from_checkpoint, self.checkpoint_root)
+        previous = [p for p in (self.checkpoint_root, self.output_dir / "final") if p.exists()]
+        if self.resume_path is None and previous:
+            if not training.overwrite_output_dir:
+                # Starting afresh would prune or overwrite another run's checkpoints and averaged weights.
+                raise ConfigError(f"output_dir: '{self.output_dir}' already holds a run; resume it with "
+                                  "--resume_from_checkpoint latest, choose another output_dir, or pass "
+                                  "--overwrite_output_dir true")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                for path in previous:
+                    shutil.rmtree(path)
         self.dtype = DTYPES[training.model_dtype]
         self.input_dtype = None if self.dtype == torch.float32 else self.dtype
 

@@ -161,6 +161,18 @@ def test_bad_config_is_one_line_naming_the_field_before_training(cifar_dir, tmp_
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
+def test_a_fresh_run_never_overwrites_a_previous_one_unless_asked(cifar_dir, tmp_path):
+    out = tmp_path / "taken"
+    (out / "checkpoints" / "step_00000099").mkdir(parents=True)
+    code, last = run_bad(common(cifar_dir, out, "--max_train_steps", "10"))
+    assert code == 2 and last.startswith("error: output_dir:") and "--overwrite_output_dir" in last, last
+    assert (out / "checkpoints" / "step_00000099").is_dir()
+    result = run_python(SCRIPT, common(cifar_dir, out, "--max_train_steps", "10",
+                                       "--checkpointing_steps", "None", "--overwrite_output_dir", "true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (out / "checkpoints").exists() and (out / "final" / "swa" / "model.safetensors").is_file()
+
+
 def test_unknown_keys_in_yaml_and_on_the_command_line(cifar_dir, tmp_path):
     config = yaml.safe_load(SMOKE.read_text())
     config["swa_learning_rate"] = 0.05

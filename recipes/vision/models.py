@@ -79,6 +79,15 @@ class _PreActBottleneck(nn.Module):
         return out + residual
 
 
+def _three_stage_logits(net: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The forward pass PreResNet and WideResNet share: stem, three stages, BN-ReLU, pool, linear."""
+    x = net.conv1(pixel_values)
+    x = net.layer3(net.layer2(net.layer1(x)))
+    x = F.relu(net.bn(x))
+    x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    return net.fc(x)
+
+
 class PreResNet(nn.Module, PyTorchModelHubMixin, tags=_HUB_TAGS):
     """Pre-activation ResNet for 32x32 inputs (PreResNet-164 in the SWA paper).
 
@@ -149,19 +158,8 @@ class PreResNet(nn.Module, PyTorchModelHubMixin, tags=_HUB_TAGS):
         return nn.Sequential(*layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Compute class logits.
-
-        Args:
-            pixel_values: Float tensor of shape ``(B, in_channels, H, W)``.
-
-        Returns:
-            Logits of shape ``(B, num_classes)``.
-        """
-        x = self.conv1(pixel_values)
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = F.relu(self.bn(x))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(x)
+        """Class logits of shape ``(B, num_classes)`` for ``(B, in_channels, H, W)`` images."""
+        return _three_stage_logits(self, pixel_values)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,19 +255,8 @@ class WideResNet(nn.Module, PyTorchModelHubMixin, tags=_HUB_TAGS):
                 nn.init.zeros_(m.bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Compute class logits.
-
-        Args:
-            pixel_values: Float tensor of shape ``(B, in_channels, H, W)``.
-
-        Returns:
-            Logits of shape ``(B, num_classes)``.
-        """
-        x = self.conv1(pixel_values)
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = F.relu(self.bn(x))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(x)
+        """Class logits of shape ``(B, num_classes)`` for ``(B, in_channels, H, W)`` images."""
+        return _three_stage_logits(self, pixel_values)
 
 
 # --------------------------------------------------------------------------------------

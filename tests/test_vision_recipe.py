@@ -1,6 +1,5 @@
 """The vision recipe end to end through the real launcher: outputs, reload, LR parity, resume, bad input."""
 
-import json
 from pathlib import Path
 
 import pytest

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from .batches import forward_logits
+from .seeding import loader_generator
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -38,7 +39,7 @@ def shard_loader(
     sharded = BatchSamplerShard(batches, num_processes, process_index, split_batches=False, even_batches=False)
     # A private generator: iterating this loader must not draw from the global RNG (see seeding.py).
     return DataLoader(dataset, batch_sampler=sharded, collate_fn=collate_fn, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=loader_generator(0))
 
 
 @torch.no_grad()

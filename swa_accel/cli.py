@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 from .loop import Trainer
 
 
@@ -20,6 +20,6 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
         task, training, swa, accelerator, config = setup(argv)
         trainer = Trainer(task, training, swa, accelerator, config, argv)
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        print(f"error: {first_line(error)}", file=sys.stderr)
         sys.exit(2)
     return trainer.run()

@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line before training starts."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
@@ -169,7 +175,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config: '{path}' is not valid YAML ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"config: '{path}' is not valid YAML ({first_line(error)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: '{path}' must be a mapping of key: value")
     return data
@@ -205,7 +211,7 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple[An
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
+        raise ConfigError(first_line(error)) from None
 
 
 def resolved_config(configs: tuple[Any, ...]) -> dict[str, Any]:

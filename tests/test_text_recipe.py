@@ -6,7 +6,6 @@ same `datasets.load_dataset` path as nyu-mll/glue) and a tiny BERT built from a 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from recipes.text.data import TextDataArguments, default_model_path, load_text_d
 from recipes.text.train import TextModelArguments, task_metrics
 from swa_accel import SWAArguments, TrainingArguments, parse_config, recompute_bn
 from swa_accel.batchnorm import batchnorm_layers, shard_loader
+from swa_accel.outputs import read_metrics
 from tests.helpers.launch import ROOT, launch, run_python
 from tests.helpers.tiny_glue import make_glue_like, make_tiny_bert
 
@@ -71,12 +71,8 @@ def data_args(glue_dir, tiny_bert, task: str) -> list[str]:
     return ["--model_name_or_path", str(tiny_bert), "--dataset_name", str(glue_dir), "--dataset_config_name", task]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def final_record(out: Path, model: str, split: str = "validation") -> dict:
-    records = [r for r in read_jsonl(out / "metrics.jsonl")
+    records = [r for r in read_metrics(out / "metrics.jsonl")
                if r.get("final") and r["model"] == model and r["split"] == split]
     assert len(records) == 1, records
     return records[0]
@@ -112,7 +108,7 @@ def check_run(out: Path, glue_dir: Path, task: str, num_processes: int, steps_pe
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["launch"]["num_processes"] == num_processes
     assert written["config"]["label_names"] == LABELS[task]
-    records = read_jsonl(out / "metrics.jsonl")
+    records = read_metrics(out / "metrics.jsonl")
     # The per-epoch evaluations land on multiples of the per-process step count: with 2 processes
     # each one sees half the batches, so an epoch takes half as many optimizer steps.
     assert sorted({r["step"] for r in records if r["epoch"] >= 1}) == [steps_per_epoch * e for e in range(1, 5)]
@@ -218,7 +214,7 @@ def assert_same_weights(a: Path, b: Path, model: str) -> None:
 def check_reference(reference: Path) -> None:
     swa = final_record(reference, "swa")
     assert swa["step"] == 6 and swa["n_averaged"] == 4  # steps 3..6 averaged
-    assert [r["step"] for r in read_jsonl(reference / "metrics.jsonl")] == [6, 6]  # evaluated only at the end
+    assert [r["step"] for r in read_metrics(reference / "metrics.jsonl")] == [6, 6]  # evaluated only at the end
     # The average really differs from the last iterate, so comparing it is not comparing base twice.
     base = load_file(str(reference / "final" / "base" / "model.safetensors"))
     averaged = load_file(str(reference / "final" / "swa" / "model.safetensors"))

@@ -29,6 +29,8 @@ from typing import Any, Callable, ContextManager, Optional
 import datasets
 import numpy as np
 
+from swa_accel.config import first_line
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "wordnet_sentiment"
@@ -362,10 +364,6 @@ class TextData:
         return {name: i for i, name in enumerate(self.label_names)}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _load_raw(args: TextDataArguments) -> datasets.DatasetDict:
     if args.dataset_name == DEFAULT_DATASET:
@@ -374,9 +372,9 @@ def _load_raw(args: TextDataArguments) -> datasets.DatasetDict:
         raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
     except ValueError as exc:  # e.g. "BuilderConfig 'x' not found" / "Config name is missing"
         field_name = "dataset_config_name" if "config" in str(exc).lower() else "dataset_name"
-        raise ValueError(f"{field_name}: {_first_line(exc)}") from exc
+        raise ValueError(f"{field_name}: {first_line(exc)}") from exc
     except OSError as exc:  # FileNotFoundError, DatasetNotFoundError, ConnectionError (offline)
-        raise ValueError(f"dataset_name: cannot load {args.dataset_name!r}: {_first_line(exc)}") from exc
+        raise ValueError(f"dataset_name: cannot load {args.dataset_name!r}: {first_line(exc)}") from exc
     if not isinstance(raw, datasets.DatasetDict):
         raise ValueError(f"dataset_name: {args.dataset_name!r} did not load as a dict of splits")
     return raw

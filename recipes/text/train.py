@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
-from swa_accel.config import ConfigError, resolved_config  # noqa: E402
+from swa_accel.config import ConfigError, first_line, resolved_config  # noqa: E402
 
 from recipes.text.data import TextDataArguments, load_text_data  # noqa: E402
 
@@ -64,10 +64,6 @@ class TextModelArguments:
         return pairs
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
 
 def _convert(key: str, raw: str, current: Any) -> Any:
     """Parses an override string with the type of the config field it replaces."""
@@ -98,7 +94,7 @@ def load_model_config(model_args: TextModelArguments, path: str, label_names: li
             label2id={name: i for i, name in enumerate(label_names)},
         )
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"model_name_or_path: cannot load a model config from {path!r}: {_first_line(error)}") from None
+        raise ValueError(f"model_name_or_path: cannot load a model config from {path!r}: {first_line(error)}") from None
     for key, raw in model_args.overrides().items():
         if not hasattr(config, key):
             raise ConfigError(f"config_overrides: {type(config).__name__} has no field {key!r}")
@@ -137,7 +133,7 @@ def setup(argv: list[str]):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"model_name_or_path: cannot load a tokenizer from {path!r}: {_first_line(error)}") from None
+        raise ValueError(f"model_name_or_path: cannot load a tokenizer from {path!r}: {first_line(error)}") from None
     data = load_text_data(data_args, tokenizer, main_process_first=accelerator.main_process_first)
     model_config = load_model_config(model_args, path, data.label_names)
 
@@ -152,7 +148,7 @@ def setup(argv: list[str]):
             try:
                 model = AutoModelForSequenceClassification.from_pretrained(path, config=model_config)
             except OSError as error:
-                raise ValueError(f"model_name_or_path: cannot load weights from {path!r}: {_first_line(error)}") \
+                raise ValueError(f"model_name_or_path: cannot load weights from {path!r}: {first_line(error)}") \
                     from None
         if not built:
             built.append(model)

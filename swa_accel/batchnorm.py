@@ -1,7 +1,7 @@
 """BatchNorm statistics of an averaged model, recomputed exactly across sharded data loaders.
 
-Every rank runs forward passes over its own round-robin share of the training batches (the same
-share accelerate would deal it, but with no padded duplicates), then one all-reduce combines the
+Every rank runs forward passes over its own round-robin share of the training batches (as
+accelerate deals batches, but with no padded duplicates), then one all-reduce combines the
 per-rank cumulative averages. Every rank ends with exactly what `torch.optim.swa_utils.update_bn`
 computes in one process over the same batches: per BN layer, the mean over batches of the batch
 mean and of the batch (unbiased) variance.
@@ -10,13 +10,13 @@ mean and of the batch (unbiased) variance.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import send_to_device
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from torch.utils.data import DataLoader
 
 from .batches import forward_logits
 from .seeding import loader_generator
@@ -30,15 +30,37 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
     ]
 
 
+def bn_order(num_samples: int, seed: int, pass_id: int) -> list[int]:
+    """A seeded permutation of the training set for one BN pass, the same on every rank.
+
+    A capped pass then reads a random subset, not the first rows of a dataset that may be sorted.
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + pass_id) % (2**63))
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def shard_batches(order: Sequence[int], batch_size: int, num_processes: int, process_index: int,
+                  max_samples: Optional[int] = None) -> list[list[int]]:
+    """This rank's round-robin share of the batches of `order`, capped to the first `max_samples` (all ranks).
+
+    The cap keeps whole batches, ceil(max_samples / batch_size) of them, so the result is exactly
+    `update_bn` in one process over those batches. Uneven shards are not padded.
+    """
+    batches = [list(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
+    if max_samples is not None:
+        batches = batches[:math.ceil(max_samples / batch_size)]
+    return batches[process_index::num_processes]
+
+
 def shard_loader(
     dataset, batch_size: int, collate_fn: Optional[Callable], num_processes: int, process_index: int,
-    num_workers: int = 0,
+    num_workers: int = 0, order: Optional[Sequence[int]] = None, max_samples: Optional[int] = None,
 ) -> DataLoader:
-    """This rank's round-robin share of the in-order batches, without padding uneven shards."""
-    batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
-    sharded = BatchSamplerShard(batches, num_processes, process_index, split_batches=False, even_batches=False)
+    """This rank's loader over `shard_batches` of `order` (default: the dataset in order)."""
+    order = range(len(dataset)) if order is None else order
+    batches = shard_batches(order, batch_size, num_processes, process_index, max_samples)
     # A private generator: iterating this loader must not draw from the global RNG (see seeding.py).
-    return DataLoader(dataset, batch_sampler=sharded, collate_fn=collate_fn, num_workers=num_workers,
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
                       generator=loader_generator(0))
 
 
@@ -48,20 +70,16 @@ def recompute_bn(
     loader_factory: Callable[[], Any],
     device: torch.device,
     num_processes: int = 1,
-    process_index: int = 0,
-    max_batches: Optional[int] = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> int:
     """Resets and recomputes BN running statistics of `module` over sharded training batches.
 
     Args:
         module: a plain (unwrapped) module, identical on every rank.
-        loader_factory: returns this rank's loader; called only when `module` has BN layers, so a
-            model without BN reads no data at all.
+        loader_factory: returns this rank's loader (e.g. `shard_loader`, which also caps the pass);
+            called only when `module` has BN layers, so a model without BN reads no data at all.
         device: where the forward passes run.
-        num_processes, process_index: the process group; the combine is one all-reduce.
-        max_batches: cap on the global number of batches (the first `max_batches` of the in-order
-            sequence, dealt round-robin), like a capped one-process pass.
+        num_processes: size of the process group; the combine is one all-reduce.
         autocast: a context-manager factory, e.g. `accelerator.autocast`.
 
     Returns:
@@ -78,8 +96,6 @@ def recompute_bn(
     module.train()
     seen = 0
     for batch in loader_factory():
-        if max_batches is not None and seen * num_processes + process_index >= max_batches:
-            break
         with autocast():
             forward_logits(module, send_to_device(batch, device))
         seen += 1

@@ -64,13 +64,19 @@ class TrainingArguments:
     stop_after_step: Optional[int] = _help(
         "End this run right after this optimizer step, with a checkpoint, as a preemption would; "
         "continue later with --resume_from_checkpoint latest.", default=None)
+    logging_steps: int = _help("Read the training loss (averaged over ranks and steps) every N optimizer steps, "
+                               "for the progress bar and the trackers; the steps between never wait on the device.",
+                               default=10)
+    data_placement: str = _help("Where decoded image tensors live: auto (on the training device when they take at "
+                                "most a quarter of its free memory, else host memory), device, or host.",
+                                default="auto")
     report_to: str = _help("Accelerate trackers: none, all, or a comma list (tensorboard, wandb, ...).", default="none")
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
     plot: bool = _help("Write curves.png at the end.", default=True)
 
     def __post_init__(self) -> None:
         positive = ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "eval_every_epochs", "checkpoints_total_limit")
+                    "gradient_accumulation_steps", "eval_every_epochs", "checkpoints_total_limit", "logging_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -88,6 +94,8 @@ class TrainingArguments:
             raise ConfigError(
                 f"lr_scheduler_type: must be cosine, linear, constant or one_cycle, got {self.lr_scheduler_type!r}"
             )
+        if self.data_placement not in ("auto", "device", "host"):
+            raise ConfigError(f"data_placement: must be auto, device or host, got {self.data_placement!r}")
         if self.num_warmup_steps < 0:
             raise ConfigError(f"num_warmup_steps: must be >= 0, got {self.num_warmup_steps}")
         if self.checkpointing_steps in ("None", "none", ""):
@@ -120,8 +128,10 @@ class SWAArguments:
     ema_buffers: str = _help("EMA buffers: average or copy.", default="average")
     swa_placement: str = _help("main: only the main process keeps the averaged copy.", default="main")
     swa_offload_to_cpu: bool = _help("Keep the averaged copy in CPU memory.", default=False)
-    bn_recompute_max_batches: Optional[int] = _help("Cap on batches of the BN recompute pass (None: a full pass).",
-                                                    default=None)
+    bn_recompute_max_samples: Optional[int] = _help(
+        "Training samples (all ranks together) of the BN recompute before an intermediate evaluation or "
+        "checkpoint; 8192 as in pycls' precise BN. The final export always uses a full pass. None: always full.",
+        default=8192)
 
     def __post_init__(self) -> None:
         if self.swa_method not in ("swa", "ema", "none"):
@@ -148,8 +158,8 @@ class SWAArguments:
             raise ConfigError(f"ema_buffers: must be average or copy, got {self.ema_buffers!r}")
         if self.swa_placement not in ("main",):
             raise ConfigError(f"swa_placement: only 'main' is available, got {self.swa_placement!r}")
-        if self.bn_recompute_max_batches is not None and self.bn_recompute_max_batches < 1:
-            raise ConfigError(f"bn_recompute_max_batches: must be >= 1, got {self.bn_recompute_max_batches}")
+        if self.bn_recompute_max_samples is not None and self.bn_recompute_max_samples < 1:
+            raise ConfigError(f"bn_recompute_max_samples: must be >= 1, got {self.bn_recompute_max_samples}")
 
     @property
     def enabled(self) -> bool:

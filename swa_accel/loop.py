@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 
 from .averaging import MainProcessPlacement, WeightAverager
 from .batches import forward_logits
-from .batchnorm import recompute_bn, shard_loader
+from .batchnorm import bn_order, recompute_bn, shard_loader
 from .checkpointing import TrainState, resolve_resume_path, save_checkpoint
 from .config import ConfigError, SWAArguments, TrainingArguments
 from .evaluation import evaluate_model, load_metrics
 from .optim import build_optimizer
 from .outputs import MetricsLog, plot_curves, summary_table, write_resolved_config
 from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
+from .image_tensors import ImageTensorDataset
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
 
 logger = get_logger(__name__)
@@ -53,6 +54,10 @@ class Task:
         collate_fn: batches samples; None uses torch's default collate.
         metric_names: evaluate modules to report (local ones ship in swa_accel/metrics).
         primary_metric: the metric plotted in curves.png.
+        drop_last: drop the last incomplete training batch (static shapes, e.g. under XLA).
+        random_transforms: the training dataset draws from the torch RNG per sample (random
+            augmentation); the loop then seeds each sample from (seed, epoch, index) with
+            `SeededView`. An `ImageTensorDataset` seeds its own augmentation and ignores this.
     """
 
     build_model: Callable[[], nn.Module]
@@ -62,6 +67,24 @@ class Task:
     collate_fn: Optional[Callable] = None
     metric_names: tuple[str, ...] = ("accuracy", "nll", "ece")
     primary_metric: str = "accuracy"
+    drop_last: bool = False
+    random_transforms: bool = True
+
+
+def seeded_dataset(task: Task, seed: int, stream: int):
+    """The training data under a per-sample augmentation seed: (seed, stream, epoch, index) fixes every draw."""
+    dataset = task.train_dataset
+    if isinstance(dataset, ImageTensorDataset):
+        return dataset.view(seed, stream)
+    return SeededView(dataset, seed, stream) if task.random_transforms else dataset
+
+
+def keep_on_device(nbytes: int, device: torch.device, placement: str) -> bool:
+    """Whether decoded tensors of `nbytes` live on the training device ('auto': when they take a quarter of it)."""
+    if placement != "auto" or device.type != "cuda":
+        return placement != "host"
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 4
 
 
 def _tracker_config(config: dict) -> dict:
@@ -97,16 +120,16 @@ class Trainer:
         set_seed(training.seed)
         model = task.build_model().to(self.dtype)
         optimizer = build_optimizer(model, training)
-        self.train_view = SeededView(task.train_dataset, training.seed, TRAIN_STREAM)
-        self.bn_view = SeededView(task.train_dataset, training.seed, BN_STREAM)
+        self.place_tensor_datasets()
+        self.train_view = seeded_dataset(task, training.seed, TRAIN_STREAM)
+        self.bn_view = seeded_dataset(task, training.seed, BN_STREAM)
         train_loader = DataLoader(self.train_view, batch_size=training.per_device_train_batch_size, shuffle=True,
-                                  collate_fn=task.collate_fn, num_workers=training.dataloader_num_workers,
-                                  generator=loader_generator(training.seed))
+                                  collate_fn=task.collate_fn, num_workers=self.num_workers(task.train_dataset),
+                                  generator=loader_generator(training.seed), drop_last=task.drop_last)
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
         self.eval_loaders = {
             name: accelerator.prepare(DataLoader(ds, batch_size=training.per_device_eval_batch_size,
-                                                 collate_fn=task.collate_fn,
-                                                 num_workers=training.dataloader_num_workers,
+                                                 collate_fn=task.collate_fn, num_workers=self.num_workers(ds),
                                                  generator=loader_generator(training.seed)))
             for name, ds in task.eval_datasets.items()
         }
@@ -118,6 +141,9 @@ class Trainer:
             self.averager = WeightAverager(self.model, swa.swa_method, placement, accelerator.process_index,
                                            swa.ema_decay, swa.ema_warmup, swa.ema_buffers)
         self.state = TrainState()
+        # The training loss stays on the device between logging steps, so no step waits for it.
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.loss_count = 0
         self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, written to final/timings.json
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         if self.averager is not None:
@@ -141,26 +167,51 @@ class Trainer:
         if training.report_to != "none":
             accelerator.init_trackers("swa_accel", config=_tracker_config(config))
 
+    # ----- data ---------------------------------------------------------------------------
+
+    def place_tensor_datasets(self) -> None:
+        """Moves decoded image tensors to the training device (or keeps them in host memory), once."""
+        datasets = [self.task.train_dataset, *self.task.eval_datasets.values()]
+        tensors = [ds for ds in datasets if isinstance(ds, ImageTensorDataset)]
+        if not tensors:
+            return
+        device = self.accelerator.device
+        on_device = keep_on_device(sum(ds.nbytes for ds in tensors), device, self.training.data_placement)
+        for ds in tensors:
+            ds.place(device, on_device)
+        logger.info(f"image tensors ({sum(ds.nbytes for ds in tensors) / 2**20:.1f} MiB) kept in "
+                    f"{'the memory of ' + str(device) if on_device else 'host memory'}", main_process_only=True)
+
+    def num_workers(self, dataset) -> int:
+        # Batches of an ImageTensorDataset are a few tensor ops on the device: worker processes would only copy.
+        return 0 if isinstance(dataset, ImageTensorDataset) else self.training.dataloader_num_workers
+
     # ----- the averaged model -------------------------------------------------------------
 
-    def averaged_model(self) -> Optional[nn.Module]:
-        """The averaged weights as an fp32 module on every rank, BN statistics recomputed; None before averaging."""
+    def averaged_model(self, full_bn_pass: bool = False) -> Optional[nn.Module]:
+        """The averaged weights as an fp32 module on every rank, BN statistics recomputed; None before averaging.
+
+        Intermediate uses recompute BN over `bn_recompute_max_samples` random training samples;
+        `full_bn_pass` (the final export) reads the whole training set.
+        """
         if self.averager is None or self.averager.n_averaged == 0:
             return None
         acc = self.accelerator
         module = self.averager.materialize(self.task.build_model, acc.unwrap_model(self.model), acc.device,
                                            acc.num_processes)
         if self.swa.swa_method == "swa":
-            self.bn_view.set_epoch(self.state.global_step)
+            step = self.state.global_step
+            self.bn_view.set_epoch(step)
+            cap = None if full_bn_pass else self.swa.bn_recompute_max_samples
+
+            def loader():
+                order = bn_order(len(self.bn_view), self.training.seed, step)
+                return shard_loader(self.bn_view, self.training.per_device_train_batch_size, self.task.collate_fn,
+                                    acc.num_processes, acc.process_index, self.num_workers(self.bn_view),
+                                    order=order, max_samples=cap)
+
             with self.timed("bn_recompute"):
-                recompute_bn(
-                    module,
-                    lambda: shard_loader(self.bn_view, self.training.per_device_train_batch_size,
-                                         self.task.collate_fn, acc.num_processes, acc.process_index,
-                                         self.training.dataloader_num_workers),
-                    acc.device, acc.num_processes, acc.process_index, self.swa.bn_recompute_max_batches,
-                    acc.autocast,
-                )
+                recompute_bn(module, loader, acc.device, acc.num_processes, acc.autocast)
         return module
 
     @contextmanager
@@ -182,7 +233,7 @@ class Trainer:
         with self.timed("evaluation"):
             for split, loader in self.eval_loaders.items():
                 results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
-        swa_module = self.averaged_model()
+        swa_module = self.averaged_model(full_bn_pass=final)
         if swa_module is not None:
             with self.timed("evaluation"):
                 results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics)
@@ -237,7 +288,25 @@ class Trainer:
                 acc.clip_grad_norm_(self.model.parameters(), self.training.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad()
+        self.loss_sum += loss.detach().float()
+        self.loss_count += 1
         return loss
+
+    def log_training_progress(self, progress) -> None:
+        """Every `logging_steps`: the mean training loss since the last read, over ranks, to the bar and trackers.
+
+        This is the loop's only read of a training value; between two logging steps nothing waits on the device.
+        """
+        acc = self.accelerator
+        step = self.state.global_step
+        if step % self.training.logging_steps and step < self.plan.total_steps:
+            return
+        mean_loss = acc.reduce(self.loss_sum / max(self.loss_count, 1), reduction="mean").item()
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        lr = self.current_lr()
+        progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}")
+        acc.log({"train/loss": mean_loss, "train/lr": lr, "train/epoch": step / self.plan.steps_per_epoch}, step=step)
 
     def after_optimizer_step(self) -> None:
         """Schedule and average after a real optimizer step, counted by `sync_gradients`."""
@@ -279,12 +348,12 @@ class Trainer:
             if self.state.batches_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, self.state.batches_in_epoch)
             for batch in loader:
-                loss = self.train_step(batch)
+                self.train_step(batch)
                 self.state.batches_in_epoch += 1
                 if acc.sync_gradients:
                     self.after_optimizer_step()
                     progress.update(1)
-                    progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.current_lr():.4g}")
+                    self.log_training_progress(progress)
                     if self.state.global_step >= plan.total_steps or self.stop_requested():
                         break
             if self.stop_requested():

@@ -183,8 +183,8 @@ def test_bn_recompute_draws_no_batch_for_a_transformer(tiny_bert):
 
     assert recompute_bn(model, loader_factory, torch.device("cpu")) == 0
     # The loop's own factory (a sharded loader over the training set) is not even built.
-    assert recompute_bn(model, lambda: (calls.append(1), shard_loader(dataset, 8, None, 1, 0))[1],
-                        torch.device("cpu"), max_batches=4) == 0
+    assert recompute_bn(model, lambda: (calls.append(1), shard_loader(dataset, 8, None, 1, 0, max_samples=32))[1],
+                        torch.device("cpu")) == 0
     assert calls == [] and dataset.reads == 0
     assert not model.training
     for key, value in model.state_dict().items():

@@ -330,12 +330,14 @@ def test_max_samples_limits():
 def test_augment_applies_to_train_only():
     plain = load_vision_data(VisionDataArguments(max_train_samples=32, max_eval_samples=32))
     aug = load_vision_data(VisionDataArguments(max_train_samples=32, max_eval_samples=32, augment=True))
-    torch.manual_seed(0)
-    a = aug.train[:]["pixel_values"]
-    b = aug.train[:]["pixel_values"]
+    view = aug.train.view(seed=0, stream=0)
+    a = view[:]["pixel_values"]
+    view.set_epoch(1)
+    b = view[:]["pixel_values"]
     assert a.shape == plain.train[:]["pixel_values"].shape
-    assert not torch.equal(a, b)  # random crops/flips differ between passes
+    assert not torch.equal(a, b)  # random crops/flips differ between epochs
     assert not torch.equal(a, plain.train[:]["pixel_values"])
+    assert torch.equal(aug.train.view(augment=False)[:]["pixel_values"], plain.train[:]["pixel_values"])
     assert torch.equal(aug.train[:]["labels"], plain.train[:]["labels"])
     assert torch.equal(aug.evals["test"][:]["pixel_values"], plain.evals["test"][:]["pixel_values"])
 

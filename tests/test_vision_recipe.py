@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from recipes.vision.data import VisionDataArguments, load_vision_data
 from recipes.vision.models import PreResNet
 from swa_accel.evaluation import compute_metrics, load_metrics, predict
+from swa_accel.image_tensors import identity_collate
 from swa_accel.outputs import read_metrics
 from tests.helpers.launch import ROOT, launch, run_python
 from tests.helpers.tiny_datasets import make_cifar_like
@@ -66,7 +67,7 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
 
     data = load_vision_data(VisionDataArguments(dataset_name=str(cifar_dir)))
     model = PreResNet.from_pretrained(out / "final" / "swa")
-    loader = torch.utils.data.DataLoader(data.evals["test"], batch_size=8)
+    loader = torch.utils.data.DataLoader(data.evals["test"], batch_size=8, collate_fn=identity_collate)
 
     class OneProcess:
         @staticmethod

@@ -9,8 +9,10 @@ Two sources go through the same code:
   a hub dataset (``data/train-*.parquet``, ``data/test-*.parquet``).
 
 ``load_vision_data`` validates splits/columns/label counts up front, optionally
-injects symmetric label noise into the train split, and attaches on-the-fly
-transforms so each row is ``{"pixel_values": float32 (C, H, W), "labels": int64}``.
+injects symmetric label noise into the train split, then decodes every split once
+into an ``swa_accel.image_tensors.ImageTensorDataset``: one uint8 tensor that
+batches by indexing, with crop, flip and normalisation as tensor ops on the
+training device. A batch is ``{"pixel_values": float32 (B, C, H, W), "labels": int64 (B,)}``.
 """
 
 import math
@@ -21,6 +23,8 @@ from typing import Any, Optional
 import datasets
 import numpy as np
 import torch
+
+from swa_accel.image_tensors import ImageTensorDataset
 
 __all__ = [
     "VisionDataArguments",
@@ -124,8 +128,8 @@ class VisionData:
     """Prepared datasets plus the metadata a model needs.
 
     Attributes:
-        train: Train split; rows are ``{"pixel_values", "labels"}`` tensors.
-        evals: Eval splits keyed by split name (e.g. ``"test"``), same row format.
+        train: Train split, decoded; augmented (when asked) by ``train.view(seed, stream)``.
+        evals: Eval splits keyed by split name (e.g. ``"test"``), decoded, never augmented.
         label_names: Class names, index = label id.
         in_channels: Number of image channels (1 for digits, 3 for CIFAR).
         image_size: Image height (= width) in pixels.
@@ -134,8 +138,8 @@ class VisionData:
         std: Per-channel normalisation std.
     """
 
-    train: datasets.Dataset
-    evals: dict[str, datasets.Dataset]
+    train: ImageTensorDataset
+    evals: dict[str, ImageTensorDataset]
     label_names: list[str]
     in_channels: int
     image_size: int
@@ -196,15 +200,16 @@ def load_digits_dataset(seed: int = 0) -> datasets.DatasetDict:
 # --------------------------------------------------------------------------------------
 
 
-def _to_hwc_array(image: Any) -> np.ndarray:
-    """Convert one stored image (PIL, array, or nested list) to an (H, W, C) float32 array of raw values."""
+def _to_hwc_array(image: Any, keep_dtype: bool = False) -> np.ndarray:
+    """Convert one stored image (PIL, array, or nested list) to an (H, W, C) array of raw values (float32
+    unless ``keep_dtype``)."""
     if hasattr(image, "mode") and hasattr(image, "convert"):  # PIL image, no hard PIL import needed
         if image.mode not in ("L", "RGB"):
             # Palette/alpha/16-bit images are normalised to the two layouts we handle.
             image = image.convert("L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
-        arr = np.asarray(image, dtype=np.float32)
+        arr = np.asarray(image, dtype=None if keep_dtype else np.float32)
     else:
-        arr = np.asarray(image, dtype=np.float32)
+        arr = np.asarray(image, dtype=None if keep_dtype else np.float32)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     elif arr.ndim != 3:
@@ -212,53 +217,25 @@ def _to_hwc_array(image: Any) -> np.ndarray:
     return arr
 
 
-class _ImageTransform:
-    """Batch transform for ``Dataset.with_transform`` (a class, so it pickles for DataLoader workers)."""
+def decode_images(ds: datasets.Dataset, image_column: str) -> np.ndarray:
+    """Every image of ``ds`` as one (N, H, W, C) array: uint8 when the values are 8-bit, else float32.
 
-    def __init__(
-        self,
-        image_column: str,
-        label_column: str,
-        scale: float,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        augment: bool,
-        pad: int,
-    ):
-        self.image_column = image_column
-        self.label_column = label_column
-        self.scale = float(scale)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.augment = augment
-        self.pad = pad
-
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        # torch RNG (not numpy's global one) so DataLoader workers get distinct,
-        # seedable streams.
-        _, h, w = x.shape
-        p = self.pad
-        padded = torch.zeros((x.shape[0], h + 2 * p, w + 2 * p), dtype=x.dtype)
-        padded[:, p : p + h, p : p + w] = x
-        top = int(torch.randint(0, 2 * p + 1, (1,)))
-        left = int(torch.randint(0, 2 * p + 1, (1,)))
-        x = padded[:, top : top + h, left : left + w]
-        if bool(torch.rand(1) < 0.5):
-            x = torch.flip(x, dims=[2])
-        return x
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
-        pixels = []
-        for image in batch[self.image_column]:
-            x = torch.from_numpy(np.ascontiguousarray(_to_hwc_array(image).transpose(2, 0, 1)))
-            x = x / self.scale
-            if self.augment:
-                # Pad with zeros in raw pixel space (black border), as torchvision's
-                # RandomCrop(padding=4) does before normalisation.
-                x = self._augment(x)
-            pixels.append((x - self.mean) / self.std)
-        labels = torch.as_tensor(np.asarray(batch[self.label_column], dtype=np.int64))
-        return {"pixel_values": torch.stack(pixels).to(torch.float32), "labels": labels}
+    Raises:
+        ValueError: If the images are not all of the same size and channel count.
+    """
+    arrays = []
+    plain = ds.with_format(None)
+    for start in range(0, len(plain), 1000):
+        arrays.extend(_to_hwc_array(image, keep_dtype=True) for image in plain[start : start + 1000][image_column])
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"image_column: images must all have one size, found {sorted(shapes)[:3]}")
+    images = np.stack(arrays)
+    if images.dtype != np.uint8 and np.all(images == np.round(images)) and images.min() >= 0 and images.max() <= 255:
+        images = images.astype(np.uint8)  # e.g. digits: integer counts 0..16 stored as float
+    elif images.dtype != np.uint8:
+        images = images.astype(np.float32)
+    return images
 
 
 # --------------------------------------------------------------------------------------
@@ -311,24 +288,19 @@ def _known_cifar_stats(dataset_name: str, in_channels: int, image_size: int):
     return None
 
 
-def _compute_stats(
-    ds: datasets.Dataset, image_column: str, scale: float, in_channels: int
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of ``ds`` images (after dividing by ``scale``)."""
-    n = len(ds)
+def _compute_stats(images: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of decoded (N, H, W, C) ``images`` (after dividing by ``scale``)."""
+    n = len(images)
     if n > _MAX_STATS_ROWS:
         # Evenly spaced rows: deterministic and representative for large datasets.
-        ds = ds.select(np.linspace(0, n - 1, _MAX_STATS_ROWS).round().astype(np.int64).tolist())
-    total = np.zeros(in_channels, dtype=np.float64)
-    total_sq = np.zeros(in_channels, dtype=np.float64)
-    count = 0
-    plain = ds.with_format(None)
-    for start in range(0, len(plain), 1000):
-        for image in plain[start : start + 1000][image_column]:
-            arr = _to_hwc_array(image).astype(np.float64) / scale
-            total += arr.sum(axis=(0, 1))
-            total_sq += (arr**2).sum(axis=(0, 1))
-            count += arr.shape[0] * arr.shape[1]
+        images = images[np.linspace(0, n - 1, _MAX_STATS_ROWS).round().astype(np.int64)]
+    total = np.zeros(images.shape[-1], dtype=np.float64)
+    total_sq = np.zeros(images.shape[-1], dtype=np.float64)
+    for start in range(0, len(images), 1000):  # chunks bound the float64 copy
+        arr = images[start : start + 1000].astype(np.float64) / scale
+        total += arr.sum(axis=(0, 1, 2))
+        total_sq += (arr**2).sum(axis=(0, 1, 2))
+    count = images.shape[0] * images.shape[1] * images.shape[2]
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     std = np.where(std < 1e-6, 1.0, std)  # constant channels: avoid dividing by ~0
@@ -364,7 +336,8 @@ def load_vision_data(args: VisionDataArguments) -> VisionData:
 
     Returns:
         A ``VisionData`` whose datasets yield ``{"pixel_values": float32 (C, H, W),
-        "labels": int64}`` rows, ready for ``torch.utils.data.default_collate``.
+        "labels": int64}`` rows by index, and whole batches through ``__getitems__``
+        (collate with ``swa_accel.image_tensors.identity_collate``).
 
     Raises:
         ValueError: If a split or column is missing, labels are unusable, or
@@ -419,24 +392,32 @@ def load_vision_data(args: VisionDataArguments) -> VisionData:
         train, label_column, len(label_names), float(args.label_noise), args.label_noise_seed
     )
 
-    first = _to_hwc_array(train[0][image_column])
-    height, width, in_channels = first.shape
+    # Decode every split once; from here on a batch is a gather from one tensor.
+    train_images = decode_images(train, image_column)
+    _, height, width, in_channels = train_images.shape
     if height != width:
         raise ValueError(f"image_column: expected square images, got {height}x{width}")
+    eval_images = {name: decode_images(ds, image_column) for name, ds in evals.items()}
+    for name, images in eval_images.items():
+        if images.shape[1:] != train_images.shape[1:]:
+            raise ValueError(f"image_column: split {name!r} has images of shape {images.shape[1:]}, "
+                             f"train has {train_images.shape[1:]}")
     # Digits store raw counts 0..16; decoded images are 8-bit.
     scale = 16.0 if is_digits else 255.0
     stats = None if is_digits else _known_cifar_stats(args.dataset_name, in_channels, height)
-    mean, std = stats if stats is not None else _compute_stats(train, image_column, scale, in_channels)
+    mean, std = stats if stats is not None else _compute_stats(train_images, scale)
 
-    pad = max(1, height // 8)  # 4 px for 32x32 CIFAR images, as in the standard recipe
-    common = dict(image_column=image_column, label_column=label_column, scale=scale, mean=mean, std=std, pad=pad)
-    train = train.with_transform(_ImageTransform(augment=args.augment, **common))
-    eval_transform = _ImageTransform(augment=False, **common)
-    evals = {name: ds.with_transform(eval_transform) for name, ds in evals.items()}
+    def tensors(images: np.ndarray, ds: datasets.Dataset, pad: int) -> ImageTensorDataset:
+        labels = torch.as_tensor(np.asarray(ds.with_format("numpy")[label_column]), dtype=torch.int64)
+        return ImageTensorDataset(torch.from_numpy(images), labels, mean, std, scale, pad=pad)
+
+    pad = max(1, height // 8) if args.augment else 0  # 4 px for 32x32 CIFAR images, as in the standard recipe
+    train_tensors = tensors(train_images, train, pad)
+    eval_tensors = {name: tensors(eval_images[name], ds, 0) for name, ds in evals.items()}
 
     return VisionData(
-        train=train,
-        evals=evals,
+        train=train_tensors,
+        evals=eval_tensors,
         label_names=label_names,
         in_channels=int(in_channels),
         image_size=int(height),

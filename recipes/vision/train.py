@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
 from swa_accel.config import ConfigError, resolved_config  # noqa: E402
+from swa_accel.image_tensors import identity_collate  # noqa: E402
 
 from recipes.vision.data import VisionDataArguments, load_vision_data  # noqa: E402
 from recipes.vision.models import MODEL_CLASSES, build_model  # noqa: E402
@@ -63,7 +64,8 @@ def setup(argv: list[str]):
         return build_model(model_args.model_name, num_classes=data.num_labels, in_channels=data.in_channels,
                            **model_args.kwargs())
 
-    task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals, save_model=save_model)
+    task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals, save_model=save_model,
+                collate_fn=identity_collate)
     config = resolved_config((data_args, model_args, training, swa))
     config["label_names"] = list(data.label_names)
     return task, training, swa, accelerator, config

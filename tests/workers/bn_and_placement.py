@@ -4,6 +4,7 @@ Writes a JSON report to argv[1] from rank 0; exits non-zero on any failed check.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from swa_accel.averaging import MainProcessPlacement, WeightAverager  # noqa: E402
-from swa_accel.batchnorm import recompute_bn, shard_loader  # noqa: E402
+from swa_accel.batchnorm import bn_order, recompute_bn, shard_loader  # noqa: E402
 from swa_accel.config import TrainingArguments  # noqa: E402
 from swa_accel.launch import make_accelerator  # noqa: E402
 
@@ -57,16 +58,18 @@ def main():
     dataset = DictDataset()
     report = {"num_processes": world}
 
-    for cap in (None, 5):
+    for cap in (None, 18):
         net = Net()
-        local_batches = len(list(shard_loader(dataset, 4, None, world, rank)))
-        total = recompute_bn(net, lambda: shard_loader(dataset, 4, None, world, rank), accelerator.device, world, rank,
-                             max_batches=cap)
+        # The full pass reads the data in order; the capped one a seeded permutation, as the loop does.
+        order = None if cap is None else bn_order(len(dataset), seed=0, pass_id=5)
+        local_batches = len(list(shard_loader(dataset, 4, None, world, rank, order=order, max_samples=cap)))
+        total = recompute_bn(net, lambda: shard_loader(dataset, 4, None, world, rank, order=order, max_samples=cap),
+                             accelerator.device, world)
         reference = Net()
-        loader = DataLoader([(dataset[i]["pixel_values"], dataset[i]["labels"]) for i in range(len(dataset))],
-                            batch_size=4)
+        rows = [(dataset[i]["pixel_values"], dataset[i]["labels"]) for i in (order or range(len(dataset)))]
+        loader = DataLoader(rows, batch_size=4)
         if cap is not None:
-            loader = [b for i, b in enumerate(loader) if i < cap]
+            loader = [b for i, b in enumerate(loader) if i < math.ceil(cap / 4)]
         update_bn(loader, reference)
         ours, theirs = bn_state(net), bn_state(reference)
         worst = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours)

@@ -1,0 +1,124 @@
+"""The device-side image batches: the hash, crops and flips against a per-sample reference, purity, layout."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from swa_accel.image_tensors import (
+    FLIP, LEFT, MASK32, TOP, ImageTensorDataset, identity_collate, mix32, sample_hash,
+)
+
+
+def lowbias32_reference(x: int) -> int:
+    """Wellons' lowbias32 on plain Python integers (arbitrary precision, masked), the published constants."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def test_mix32_on_tensors_equals_the_reference_and_never_overflows():
+    values = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
+    ours = mix32(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert ours == [lowbias32_reference(v) for v in values]
+    assert all(0 <= v <= MASK32 for v in ours)
+    assert [mix32(v) for v in values] == ours  # the same function on Python ints (used for the key)
+
+
+def test_sample_hash_is_uniform_enough_and_depends_on_every_coordinate():
+    index = torch.arange(20000)
+    h = sample_hash(0, 0, 0, index, TOP)
+    counts = torch.bincount(h % 9, minlength=9).float()
+    assert (counts / counts.mean() - 1).abs().max() < 0.05  # 9 crop offsets, each ~1/9
+    assert abs((sample_hash(0, 0, 0, index, FLIP) & 1).float().mean().item() - 0.5) < 0.02
+    for other in (sample_hash(1, 0, 0, index, TOP), sample_hash(0, 1, 0, index, TOP),
+                  sample_hash(0, 0, 1, index, TOP), sample_hash(0, 0, 0, index, LEFT),
+                  sample_hash(2**40, 0, 0, index, TOP)):
+        assert (other != h).float().mean() > 0.99
+
+
+def make_dataset(n=40, size=6, channels=3, pad=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, size, size, channels), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 5, (n,), generator=generator)
+    mean, std = (0.5, 0.4, 0.3)[:channels], (0.2, 0.25, 0.3)[:channels]
+    return ImageTensorDataset(images, labels, mean, std, 255.0, pad=pad), images, labels, mean, std
+
+
+def reference_sample(images, mean, std, pad, seed, stream, epoch, i):
+    """One augmented sample built the slow way: numpy zero-pad, slice, flip, normalise."""
+    image = images[i].numpy().astype(np.float64) / 255.0  # (H, W, C)
+    size = image.shape[0]
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    index = torch.tensor([i])
+    top = int(sample_hash(seed, stream, epoch, index, TOP)) % (2 * pad + 1)
+    left = int(sample_hash(seed, stream, epoch, index, LEFT)) % (2 * pad + 1)
+    crop = padded[top:top + size, left:left + size]
+    if int(sample_hash(seed, stream, epoch, index, FLIP)) & 1:
+        crop = crop[:, ::-1]
+    crop = (crop - np.asarray(mean)) / np.asarray(std)
+    return torch.from_numpy(crop.transpose(2, 0, 1).copy()).float()
+
+
+def test_an_augmented_batch_equals_per_sample_crops_and_flips():
+    dataset, images, labels, mean, std = make_dataset()
+    view = dataset.view(seed=7, stream=1)
+    view.set_epoch(3)
+    indices = [5, 0, 39, 17, 17, 22]
+    batch = view.__getitems__(indices)
+    assert batch["pixel_values"].shape == (6, 3, 6, 6) and batch["pixel_values"].dtype == torch.float32
+    assert torch.equal(batch["labels"], labels[indices])
+    flips, offsets = 0, set()
+    for row, i in enumerate(indices):
+        expected = reference_sample(images, mean, std, 2, 7, 1, 3, i)
+        torch.testing.assert_close(batch["pixel_values"][row], expected, atol=1e-5, rtol=0)
+        flips += int(sample_hash(7, 1, 3, torch.tensor([i]), FLIP)) & 1
+        offsets.add(int(sample_hash(7, 1, 3, torch.tensor([i]), TOP)) % 5)
+    assert 0 < flips < 6 and len(offsets) > 1  # the check above covered flipped, unflipped and shifted crops
+
+
+def test_a_sample_is_a_pure_function_of_seed_stream_epoch_and_index():
+    dataset, *_ = make_dataset()
+    view = dataset.view(seed=3, stream=0)
+    view.set_epoch(2)
+    a = view.__getitems__([4, 9, 11])["pixel_values"]
+    b = view.__getitems__([11, 30, 4])["pixel_values"]
+    assert torch.equal(a[0], b[2]) and torch.equal(a[2], b[0])  # batch company and position do not matter
+    again = dataset.view(seed=3, stream=0)
+    again.set_epoch(2)
+    assert torch.equal(again.__getitems__([4, 9, 11])["pixel_values"], a)  # a fresh view (a resume) replays it
+    again.set_epoch(3)
+    assert not torch.equal(again.__getitems__([4, 9, 11])["pixel_values"], a)
+    assert not torch.equal(dataset.view(seed=3, stream=1).__getitems__([4, 9, 11])["pixel_values"], a)
+
+
+def test_without_augmentation_a_batch_is_the_normalised_image():
+    dataset, images, labels, mean, std = make_dataset(pad=0)
+    batch = dataset[:]
+    expected = (images.permute(0, 3, 1, 2).double() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
+        / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(batch["pixel_values"], expected.float(), atol=1e-5, rtol=0)
+    assert batch["pixel_values"].is_contiguous()
+    # An augmenting split viewed without augmentation gives the centre crop: the same images.
+    padded, *_ = make_dataset(pad=2)
+    torch.testing.assert_close(padded.view(augment=False)[:]["pixel_values"], batch["pixel_values"])
+
+
+def test_a_dataloader_with_identity_collate_yields_the_batches_and_channels_last_is_kept():
+    dataset, _, labels, *_ = make_dataset()
+    dataset.memory_format = torch.channels_last
+    loader = DataLoader(dataset, batch_size=16, collate_fn=identity_collate)
+    batches = list(loader)
+    assert [len(b["labels"]) for b in batches] == [16, 16, 8]
+    assert torch.equal(torch.cat([b["labels"] for b in batches]), labels)
+    assert batches[0]["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+    assert not batches[0]["pixel_values"].is_contiguous()
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="images must be"):
+        ImageTensorDataset(torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.int64), (0.5,), (0.2,), 255.0)
+    with pytest.raises(ValueError, match="one label each"):
+        ImageTensorDataset(torch.zeros(4, 8, 8, 1), torch.zeros(3, dtype=torch.int64), (0.5,), (0.2,), 255.0)

@@ -51,7 +51,9 @@ def make_accelerator(training: TrainingArguments) -> Accelerator:
             num_steps=training.gradient_accumulation_steps, sync_with_dataloader=True
         ),
         # A seeded sampler reshuffles per epoch from (seed, epoch): resumable and equal across process counts.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=training.seed),
+        # Non-blocking copies of batches from pinned memory: the host never waits for a transfer.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=training.seed,
+                                                  non_blocking=True),
         project_config=ProjectConfiguration(
             project_dir=training.output_dir, logging_dir=str(Path(training.output_dir) / "logs")
         ),

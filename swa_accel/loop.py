@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import is_compiled_module, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -125,12 +125,14 @@ class Trainer:
         self.bn_view = seeded_dataset(task, training.seed, BN_STREAM)
         train_loader = DataLoader(self.train_view, batch_size=training.per_device_train_batch_size, shuffle=True,
                                   collate_fn=task.collate_fn, num_workers=self.num_workers(task.train_dataset),
-                                  generator=loader_generator(training.seed), drop_last=task.drop_last)
+                                  generator=loader_generator(training.seed), drop_last=task.drop_last,
+                                  pin_memory=self.pin_memory(task.train_dataset))
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
         self.eval_loaders = {
             name: accelerator.prepare(DataLoader(ds, batch_size=training.per_device_eval_batch_size,
                                                  collate_fn=task.collate_fn, num_workers=self.num_workers(ds),
-                                                 generator=loader_generator(training.seed)))
+                                                 generator=loader_generator(training.seed),
+                                                 pin_memory=self.pin_memory(ds)))
             for name, ds in task.eval_datasets.items()
         }
         self.plan: TrainingPlan = make_plan(len(self.train_loader), training, swa)
@@ -154,7 +156,9 @@ class Trainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             launch = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-                      "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)}
+                      "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+                      "dynamo_backend": str(accelerator.state.dynamo_plugin.backend.value).lower(),
+                      "compiled": is_compiled_module(self.model)}
             write_resolved_config(self.output_dir, config, argv, launch)
         accelerator.wait_for_everyone()
         if self.resume_path is not None:
@@ -185,6 +189,10 @@ class Trainer:
     def num_workers(self, dataset) -> int:
         # Batches of an ImageTensorDataset are a few tensor ops on the device: worker processes would only copy.
         return 0 if isinstance(dataset, ImageTensorDataset) else self.training.dataloader_num_workers
+
+    def pin_memory(self, dataset) -> bool:
+        # Host-collated batches (text) go to a GPU through pinned memory, so the copy does not block.
+        return self.accelerator.device.type == "cuda" and not isinstance(dataset, ImageTensorDataset)
 
     # ----- the averaged model -------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Tests of recipes/text/data.py: offline default data, GLUE-like loading, validation."""
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser  # noqa: E402
 
 from recipes.text.data import (  # noqa: E402
@@ -23,7 +27,11 @@ from recipes.text.data import (  # noqa: E402
     default_model_path,
     load_text_data,
     load_wordnet_sentiment,
+    make_collator,
+    padding_plan,
 )
+from recipes.text.train import device_padding_plan  # noqa: E402
+from swa_accel.config import parse_config  # noqa: E402
 from tests.helpers.tiny_glue import make_glue_like, make_tiny_bert  # noqa: E402
 
 MODEL_INPUTS = {"input_ids", "token_type_ids", "attention_mask", "labels"}
@@ -169,6 +177,7 @@ def test_glue_sst2_loads(glue_dir, tiny_bert, tiny_tokenizer):
     # Auto column "sentence": single-segment input, no unknown words.
     assert all(set(t) == {0} for t in data.train["token_type_ids"])
     assert tiny_tokenizer.unk_token_id not in {i for ids in data.train["input_ids"] for i in ids}
+    assert data.drop_last is False  # dynamic padding by default: a short last batch costs nothing
     raw = datasets.load_dataset(str(glue_dir), "sst2")["train"]
     assert data.train["labels"] == raw["label"][:40]
 
@@ -207,6 +216,125 @@ def test_hf_argument_parser(glue_dir, tiny_bert):
     (default,) = HfArgumentParser(TextDataArguments).parse_args_into_dataclasses([])
     assert default.model_name_or_path == default_model_path()
     assert default.dataset_name == "wordnet_sentiment"
+    assert default.pad_to_max_length is None
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("True", True), ("0", False)])
+def test_pad_to_max_length_on_the_command_line(value, expected):
+    (args,) = HfArgumentParser(TextDataArguments).parse_args_into_dataclasses(["--pad_to_max_length", value])
+    assert args.pad_to_max_length is expected
+
+
+@pytest.mark.parametrize("line, expected", [("", None), ("pad_to_max_length: null", None),
+                                            ("pad_to_max_length: true", True), ("pad_to_max_length: false", False)])
+def test_pad_to_max_length_in_yaml(tmp_path, line, expected):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"max_length: 32\n{line}\n")
+    (args,) = parse_config((TextDataArguments,), ["--config", str(path)])
+    assert args.pad_to_max_length is expected and args.max_length == 32
+    # The command line still overrides the file.
+    (args,) = parse_config((TextDataArguments,), ["--config", str(path), "--pad_to_max_length", "true"])
+    assert args.pad_to_max_length is True
+
+
+# --------------------------------------------------------------------------- #
+# Padding: dynamic, multiple of 8 (GPU), static max_length (XLA)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    "pad_to_max_length, is_xla, is_cuda, expected",
+    [
+        (None, False, False, (False, None)),  # CPU: plain dynamic padding
+        (None, False, True, (False, 8)),  # GPU: tensor-core friendly lengths
+        (None, True, False, (True, None)),  # XLA: static shapes by default
+        (False, True, False, (False, None)),  # an explicit False wins under XLA
+        (True, False, False, (True, None)),  # static shapes by hand on CPU
+        (True, False, True, (True, None)),  # static batches need no rounding
+        (False, False, True, (False, 8)),
+    ],
+)
+def test_padding_plan(pad_to_max_length, is_xla, is_cuda, expected):
+    assert padding_plan(pad_to_max_length, is_xla=is_xla, is_cuda=is_cuda) == expected
+
+
+@pytest.mark.parametrize(
+    "distributed_type, device, pad_to_max_length, expected",
+    [
+        (DistributedType.NO, "cpu", None, (False, None)),
+        (DistributedType.MULTI_CPU, "cpu", None, (False, None)),
+        (DistributedType.NO, "cuda", None, (False, 8)),
+        (DistributedType.MULTI_GPU, "cuda", None, (False, 8)),
+        (DistributedType.XLA, "xla", None, (True, None)),
+        (DistributedType.XLA, "xla", False, (False, None)),
+        (DistributedType.NO, "cpu", True, (True, None)),
+    ],
+)
+def test_device_padding_plan_reads_the_accelerator(tiny_bert, distributed_type, device, pad_to_max_length, expected):
+    # Stand-in with the two attributes setup() reads, so no real GPU / TPU is needed.
+    accelerator = SimpleNamespace(distributed_type=distributed_type, device=SimpleNamespace(type=device))
+    args = TextDataArguments(model_name_or_path=str(tiny_bert), pad_to_max_length=pad_to_max_length)
+    assert device_padding_plan(accelerator, args) == expected
+
+
+def chunks(ds, size):
+    return [[ds[i] for i in range(start, min(start + size, len(ds)))] for start in range(0, len(ds), size)]
+
+
+def test_static_shapes_pad_every_batch_to_max_length(glue_dir, tiny_bert, tiny_tokenizer):
+    max_length = 32
+    data = load_text_data(
+        glue_args(glue_dir, tiny_bert, max_length=max_length, max_train_samples=40), tiny_tokenizer,
+        static_shapes=True,
+    )
+    assert data.drop_last is True
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    assert max(lengths) < max_length  # every row is short: padding, not truncation, makes the shape
+    for split, ds in [("train", data.train), ("validation", data.evals["validation"])]:
+        for rows in chunks(ds, 6):  # the last chunk is a short one
+            batch = data.collate_fn(rows)
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                assert batch[key].shape == (len(rows), max_length), (split, key)
+            assert batch["attention_mask"].sum().item() == sum(len(r["input_ids"]) for r in rows)
+            assert batch["labels"].tolist() == [r["labels"] for r in rows]
+    single = data.collate_fn([data.train[lengths.index(min(lengths))]])  # the shortest row alone
+    assert single["input_ids"].shape == (1, max_length)
+    assert single["input_ids"][0, min(lengths):].eq(tiny_tokenizer.pad_token_id).all()
+
+    # What the loop does with drop_last: 40 rows at batch 16 -> two full batches, no 8-row one.
+    loader = DataLoader(data.train, batch_size=16, collate_fn=data.collate_fn, drop_last=data.drop_last)
+    assert [tuple(b["input_ids"].shape) for b in loader] == [(16, max_length), (16, max_length)]
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    with torch.no_grad():
+        out = model(**single)
+    assert out.logits.shape == (1, 2) and torch.isfinite(out.loss)
+
+
+def test_pad_to_multiple_of_8_rounds_up_the_longest_row(glue_dir, tiny_bert, tiny_tokenizer):
+    data = load_text_data(glue_args(glue_dir, tiny_bert, "mrpc"), tiny_tokenizer, pad_to_multiple_of=8)
+    assert data.drop_last is False
+    longest_per_batch = []
+    for ds in (data.train, data.evals["validation"]):
+        for rows in chunks(ds, 5):
+            batch = data.collate_fn(rows)
+            longest = max(len(r["input_ids"]) for r in rows)
+            longest_per_batch.append(longest)
+            assert batch["input_ids"].shape == (len(rows), math.ceil(longest / 8) * 8)
+            assert batch["input_ids"].shape[1] % 8 == 0
+            assert batch["attention_mask"].sum().item() == sum(len(r["input_ids"]) for r in rows)
+            padded = batch["attention_mask"] == 0
+            assert batch["input_ids"][padded].eq(tiny_tokenizer.pad_token_id).all()
+    # Otherwise the test would not tell rounding from plain longest-row padding.
+    assert any(n % 8 for n in longest_per_batch), longest_per_batch
+
+
+def test_padding_choice_errors_name_the_argument(glue_dir, tiny_bert, tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"^pad_to_multiple_of: must be >= 1") as err:
+        make_collator(tiny_tokenizer, 32, pad_to_multiple_of=0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"^pad_to_multiple_of: not used with static shapes"):
+        load_text_data(glue_args(glue_dir, tiny_bert), tiny_tokenizer, pad_to_multiple_of=8, static_shapes=True)
 
 
 # --------------------------------------------------------------------------- #
@@ -267,6 +395,7 @@ def test_model_path_errors(tmp_path):
         ({"num_labels": 1}, "num_labels:"),
         ({"max_train_samples": 0}, "max_train_samples:"),
         ({"text_pair_column": "sentence2"}, "text_pair_column:"),
+        ({"pad_to_max_length": "maybe"}, "pad_to_max_length:"),
     ],
 )
 def test_argument_validation(kwargs, prefix):

@@ -12,7 +12,10 @@ Two sources are supported:
 :func:`load_text_data` validates the data against :class:`TextDataArguments`
 before any training starts (every error is a one-line ``ValueError`` starting
 with the offending field name), tokenizes without padding and returns a
-:class:`TextData` bundle whose ``collate_fn`` pads each batch dynamically.
+:class:`TextData` bundle whose ``collate_fn`` pads each batch: to its longest
+row by default (rounded up to a multiple of 8 on GPUs), or to ``max_length``
+with static shapes (XLA / TPU), where training also drops its last incomplete
+batch. :func:`padding_plan` picks between the two from the device.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ NEGATIVE_MAX = -0.1
 POSITIVE_MIN = 0.1
 #: Fractions of every class that go to validation and test (rest is train).
 WORDNET_EVAL_FRACTION = 0.15
+#: Sequence-length multiple on CUDA GPUs: fp16/bf16 tensor cores work on tiles of 8.
+GPU_PAD_MULTIPLE = 8
 
 # Text columns of the GLUE configs (plus the common "text"), most specific
 # first so that pair tasks are not mistaken for single-sentence ones.
@@ -190,6 +195,13 @@ class TextDataArguments:
     max_eval_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep only the first N rows of each eval split."}
     )
+    pad_to_max_length: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Static shapes: pad every batch to max_length and drop the last incomplete "
+            "training batch. None: on under XLA (TPU), off elsewhere."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
@@ -215,6 +227,34 @@ class TextDataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1 or unset, got {value}")
+        if self.pad_to_max_length not in (None, True, False):
+            raise ValueError(f"pad_to_max_length: must be true, false or unset, got {self.pad_to_max_length!r}")
+
+
+def padding_plan(
+    pad_to_max_length: Optional[bool], is_xla: bool, is_cuda: bool
+) -> tuple[bool, Optional[int]]:
+    """Decides how batches are padded on the current device.
+
+    XLA recompiles the graph for every new input shape, so it gets static
+    shapes (every batch ``max_length`` long, no short last training batch).
+    CUDA keeps dynamic padding but rounds lengths up to a multiple of 8 so
+    that half-precision matmuls hit the tensor cores. On CPU neither helps.
+
+    Args:
+        pad_to_max_length: The user's choice; None means "decide from the
+            device" (static shapes exactly when ``is_xla``).
+        is_xla: Training runs under XLA (``DistributedType.XLA``, e.g. TPU).
+        is_cuda: Training runs on a CUDA GPU.
+
+    Returns:
+        ``(static_shapes, pad_to_multiple_of)``; ``pad_to_multiple_of`` is
+        ``GPU_PAD_MULTIPLE`` on CUDA with dynamic padding, otherwise None
+        (static batches already have one fixed length).
+    """
+    static_shapes = is_xla if pad_to_max_length is None else pad_to_max_length
+    pad_to_multiple_of = GPU_PAD_MULTIPLE if is_cuda and not static_shapes else None
+    return static_shapes, pad_to_multiple_of
 
 
 # --------------------------------------------------------------------------- #
@@ -341,8 +381,11 @@ class TextData:
             the default dataset also has ``"test"``.
         label_names: Class names, index = class id.
         collate_fn: ``DataCollatorWithPadding`` padding each batch to its
-            longest row.
+            longest row (rounded up to ``pad_to_multiple_of`` if set), or to
+            ``max_length`` with static shapes.
         tokenizer: The tokenizer used.
+        drop_last: Training should drop its last incomplete batch (static
+            shapes): a smaller batch would be one more shape to compile.
     """
 
     train: datasets.Dataset
@@ -350,6 +393,7 @@ class TextData:
     label_names: list[str]
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]]
     tokenizer: Any
+    drop_last: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -450,10 +494,44 @@ def _check_labels(ds: datasets.Dataset, split: str, args: TextDataArguments, num
         )
 
 
+def make_collator(
+    tokenizer, max_length: int, pad_to_multiple_of: Optional[int] = None, static_shapes: bool = False
+):
+    """Builds the padding collator of the text recipe.
+
+    Args:
+        tokenizer: The tokenizer whose ``pad`` does the work.
+        max_length: Length of every batch with static shapes.
+        pad_to_multiple_of: Round dynamic batch lengths up to this multiple.
+        static_shapes: Pad every batch to ``max_length`` instead of its
+            longest row.
+
+    Returns:
+        A ``DataCollatorWithPadding`` returning PyTorch tensors.
+
+    Raises:
+        ValueError: ``pad_to_multiple_of`` below 1, or combined with static
+            shapes (whose length is already fixed).
+    """
+    from transformers import DataCollatorWithPadding
+
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of: must be >= 1 or None, got {pad_to_multiple_of}")
+    if static_shapes:
+        if pad_to_multiple_of is not None:
+            raise ValueError("pad_to_multiple_of: not used with static shapes (every batch is max_length long)")
+        return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_length, return_tensors="pt")
+    return DataCollatorWithPadding(
+        tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt"
+    )
+
+
 def load_text_data(
     args: TextDataArguments,
     tokenizer,
     main_process_first: Callable[[], ContextManager] = contextlib.nullcontext,
+    pad_to_multiple_of: Optional[int] = None,
+    static_shapes: bool = False,
 ) -> TextData:
     """Loads, validates and tokenizes the data described by ``args``.
 
@@ -469,6 +547,10 @@ def load_text_data(
             around loading and ``Dataset.map`` so that, in distributed runs,
             rank 0 fills the ``datasets`` cache first and the other ranks reuse
             it; pass ``accelerator.main_process_first``.
+        pad_to_multiple_of: Round each batch's padded length up to this
+            multiple (8 on GPUs, see :func:`padding_plan`); None: no rounding.
+        static_shapes: Pad every batch to ``max_length`` and mark the
+            training split for ``drop_last`` (XLA, see :func:`padding_plan`).
 
     Returns:
         :class:`TextData`. Tokenized splits hold only the tokenizer outputs
@@ -479,10 +561,11 @@ def load_text_data(
         N rows.
 
     Raises:
-        ValueError: Invalid configuration / data, see above.
+        ValueError: Invalid configuration / data, see above, or an invalid
+            padding choice (see :func:`make_collator`).
     """
-    from transformers import DataCollatorWithPadding
-
+    # Build the collator first: a bad padding choice fails before any data work.
+    collate_fn = make_collator(tokenizer, args.max_length, pad_to_multiple_of, static_shapes)
     model_max = getattr(tokenizer, "model_max_length", None)
     if model_max is not None and model_max < int(1e12) and args.max_length > model_max:
         raise ValueError(
@@ -541,7 +624,7 @@ def load_text_data(
         evals = {name: prepare(name, args.max_eval_samples) for name in eval_names}
 
     logger.info(
-        "text data: %s%s, columns (%s, %s), %d labels, train %d rows, evals %s",
+        "text data: %s%s, columns (%s, %s), %d labels, train %d rows, evals %s, padding %s",
         args.dataset_name,
         f"/{args.dataset_config_name}" if args.dataset_config_name else "",
         text_col,
@@ -549,11 +632,14 @@ def load_text_data(
         len(label_names),
         len(train),
         {k: len(v) for k, v in evals.items()},
+        f"to max_length {args.max_length} (static)" if static_shapes
+        else f"to the longest row (multiple of {pad_to_multiple_of or 1})",
     )
     return TextData(
         train=train,
         evals=evals,
         label_names=label_names,
-        collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
+        collate_fn=collate_fn,
         tokenizer=tokenizer,
+        drop_last=static_shapes,
     )

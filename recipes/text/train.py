@@ -3,6 +3,8 @@
 Run:  accelerate launch --config_file accelerate_configs/cpu.yaml recipes/text/train.py \
           --config recipes/text/configs/wordnet_sentiment_minilm.yaml [--key value ...]
 The recipe only says how to get the data, build the model and save it; swa_accel does the rest.
+Padding follows the device: lengths rounded up to multiples of 8 on CUDA GPUs, static max_length batches
+(and no short last training batch) under XLA; --pad_to_max_length true/false forces static shapes on/off.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, p
 from swa_accel.cli import run_recipe  # noqa: E402
 from swa_accel.config import ConfigError, first_line, resolved_config  # noqa: E402
 
-from recipes.text.data import TextDataArguments, load_text_data  # noqa: E402
+from recipes.text.data import TextDataArguments, load_text_data, padding_plan  # noqa: E402
 
 #: GLUE reports Matthews correlation for CoLA; every task also gets accuracy, F1 (macro for >2
 #: classes), NLL and expected calibration error.
@@ -122,6 +124,17 @@ def make_save_model(tokenizer):
     return save_model
 
 
+def device_padding_plan(accelerator, data_args: TextDataArguments) -> tuple[bool, Optional[int]]:
+    """`padding_plan` for the accelerator's device: (static_shapes, pad_to_multiple_of)."""
+    from accelerate.utils import DistributedType
+
+    return padding_plan(
+        data_args.pad_to_max_length,
+        is_xla=accelerator.distributed_type == DistributedType.XLA,
+        is_cuda=accelerator.device.type == "cuda",
+    )
+
+
 def setup(argv: list[str]):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -134,7 +147,9 @@ def setup(argv: list[str]):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"model_name_or_path: cannot load a tokenizer from {path!r}: {first_line(error)}") from None
-    data = load_text_data(data_args, tokenizer, main_process_first=accelerator.main_process_first)
+    static_shapes, pad_to_multiple_of = device_padding_plan(accelerator, data_args)
+    data = load_text_data(data_args, tokenizer, main_process_first=accelerator.main_process_first,
+                          pad_to_multiple_of=pad_to_multiple_of, static_shapes=static_shapes)
     model_config = load_model_config(model_args, path, data.label_names)
 
     built: list = []
@@ -157,9 +172,12 @@ def setup(argv: list[str]):
     metric_names = task_metrics(data_args.dataset_config_name)
     task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals,
                 save_model=make_save_model(tokenizer), collate_fn=data.collate_fn, metric_names=metric_names,
-                primary_metric="accuracy")
+                primary_metric="accuracy", drop_last=data.drop_last,
+                random_transforms=False)  # tokenized rows are fixed: no per-sample RNG to seed
     config = resolved_config((data_args, model_args, training, swa))
     config["label_names"] = list(data.label_names)
+    # What pad_to_max_length=None resolved to on this device, so config.yaml shows what actually ran.
+    config["static_shapes"], config["pad_to_multiple_of"] = static_shapes, pad_to_multiple_of
     return task, training, swa, accelerator, config
 
 

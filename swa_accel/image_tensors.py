@@ -14,35 +14,44 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 MASK32 = 0xFFFFFFFF
-#: Salts that give the three independent draws of one sample: crop row, crop column, flip.
-TOP, LEFT, FLIP = 1, 2, 3
-
-
-def _mul32(x, constant: int):
-    """(x * constant) mod 2**32 for x < 2**32, without overflowing int64 (works on ints and tensors)."""
-    low, high = constant & 0xFFFF, constant >> 16
-    return (x * low + (((x * high) & 0xFFFF) << 16)) & MASK32
 
 
 def mix32(x):
-    """Wellons' `lowbias32` integer hash: a bijection on 32-bit values with strong avalanche."""
+    """Wellons' `lowbias32` integer hash: a bijection on 32-bit values with strong avalanche.
+
+    Works on Python ints and on numpy uint64 arrays, whose products wrap modulo 2**64 by definition,
+    so masking to 32 bits gives the exact 32-bit result.
+    """
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = (x * 0x7FEB352D) & MASK32
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = (x * 0x846CA68B) & MASK32
     return x ^ (x >> 16)
 
 
-def sample_hash(seed: int, stream: int, epoch: int, indices: torch.Tensor, salt: int) -> torch.Tensor:
-    """32-bit hash of (seed, stream, epoch, index, salt) for every index, as int64 values in [0, 2**32)."""
+def sample_hash(seed: int, stream: int, epoch: int, indices) -> np.ndarray:
+    """A 32-bit hash of (seed, stream, epoch, index) for every index, as a uint64 array.
+
+    The crop row, crop column and flip of a sample come from disjoint bits of this one value.
+    """
     key = mix32((seed & MASK32) ^ mix32((seed >> 32) & MASK32))
     key = mix32(key ^ (stream & MASK32))
     key = mix32(key ^ (epoch & MASK32))
-    return mix32(mix32(indices ^ key) ^ salt)
+    return mix32(mix32(np.asarray(indices, dtype=np.uint64) ^ np.uint64(key)))
+
+
+def crop_draws(hashes: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top, left, flip) of each sample: offsets in [0, 2 * pad] and a coin, from bits 0-15, 16-30 and 31."""
+    span = np.uint64(2 * pad + 1)
+    top = (hashes & np.uint64(0xFFFF)) % span
+    left = ((hashes >> np.uint64(16)) & np.uint64(0x7FFF)) % span
+    flip = (hashes >> np.uint64(31)).astype(bool)
+    return top.astype(np.int64), left.astype(np.int64), flip
 
 
 def identity_collate(batch):
@@ -71,6 +80,7 @@ class ImageTensorDataset(Dataset):
         # The zero border of the crop is stored once, so a crop is a plain gather.
         self.images = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad)) if pad else images
         self.labels = labels.to(torch.int64)
+        self._labels = self.labels.numpy()  # host copy for the per-batch arithmetic
         self.mean, self.std, self.scale = tuple(mean), tuple(std), float(scale)
         self.seed, self.stream, self.epoch = 0, 0, 0
         self.augment = self.pad > 0
@@ -115,15 +125,12 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def _crop_indices(self, indices: torch.Tensor) -> torch.Tensor:
+    def _crop_indices(self, indices: np.ndarray) -> np.ndarray:
         """(B, H + W) row then column indices into the padded images: a random crop, mirrored when flipped."""
-        span = 2 * self.pad + 1
-        top = sample_hash(self.seed, self.stream, self.epoch, indices, TOP) % span
-        left = sample_hash(self.seed, self.stream, self.epoch, indices, LEFT) % span
-        flip = (sample_hash(self.seed, self.stream, self.epoch, indices, FLIP) & 1).bool()
-        cols = torch.arange(self.width)
-        cols = torch.where(flip[:, None], cols.flip(0), cols)
-        return torch.cat([top[:, None] + torch.arange(self.height), left[:, None] + cols], dim=1)
+        top, left, flip = crop_draws(sample_hash(self.seed, self.stream, self.epoch, indices), self.pad)
+        cols = np.arange(self.width)
+        cols = np.where(flip[:, None], cols[::-1], cols)
+        return np.concatenate([top[:, None] + np.arange(self.height), left[:, None] + cols], axis=1)
 
     def _gather(self, index: torch.Tensor, crop: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, H, W, C) raw pixels of `index`, cropped by `crop` (or the centre when not augmenting)."""
@@ -137,19 +144,22 @@ class ImageTensorDataset(Dataset):
 
     def __getitems__(self, indices: Union[Sequence[int], torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch of `indices`: {"pixel_values": float32 (B, C, H, W) on the device, "labels": (B,)}."""
-        index = torch.as_tensor(indices, dtype=torch.int64)
-        crop = self._crop_indices(index) if self.augment else None
-        labels = self.labels[index]
+        # The per-sample arithmetic runs on the host in numpy (a few microseconds for a batch);
+        # the device sees one small copy and the gather.
+        index = np.asarray(indices, dtype=np.int64)
+        parts = [index[:, None], self._labels[index][:, None]]
+        if self.augment:
+            parts.append(self._crop_indices(index))
+        packed = torch.from_numpy(np.concatenate(parts, axis=1))
         if self.images.device == self.device:
             # Indices, labels and crops travel as one small int64 tensor; the pixels never leave the device.
-            parts = [index[:, None], labels[:, None]] + ([crop] if crop is not None else [])
-            packed = _to_device(torch.cat(parts, dim=1), self.device)
-            index, labels = packed[:, 0], packed[:, 1]
-            pixels = self._gather(index, packed[:, 2:] if crop is not None else None)
+            packed = _to_device(packed, self.device)
+            pixels = self._gather(packed[:, 0], packed[:, 2:] if self.augment else None)
         else:
             # Pixels in host memory: gather there, then one asynchronous copy of the uint8 batch.
-            pixels = _to_device(self._gather(index, crop), self.device)
-            labels = _to_device(labels, self.device)
+            pixels = _to_device(self._gather(packed[:, 0], packed[:, 2:] if self.augment else None), self.device)
+            packed = _to_device(packed, self.device)
+        labels = packed[:, 1]
         pixels = pixels.permute(0, 3, 1, 2)  # (B, C, H, W), still laid out channels-last
         pixels = (pixels.float() - self._shift) * self._inv
         return {"pixel_values": pixels.contiguous(memory_format=self.memory_format), "labels": labels}

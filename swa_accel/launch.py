@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -33,6 +34,21 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def cache_accelerate_package_probes() -> None:
+    """Answers accelerate's "is lomo_optim installed?" once per process instead of at every optimizer step.
+
+    accelerate 1.15 asks importlib twice in each `AcceleratedOptimizer.step` (about 0.15 ms on a
+    2-core CPU, 5% of a small model's step); installed packages do not change during a run.
+    """
+    import accelerate.accelerator
+    import accelerate.optimizer
+    from accelerate.utils import imports
+
+    cached = functools.cache(imports.is_lomo_available)
+    accelerate.optimizer.is_lomo_available = cached
+    accelerate.accelerator.is_lomo_available = cached
+
+
 def make_accelerator(training: TrainingArguments) -> Accelerator:
     """An Accelerator for the run: gradient accumulation, seedable shuffling, trackers, CPU fallback.
 
@@ -42,6 +58,7 @@ def make_accelerator(training: TrainingArguments) -> Accelerator:
     Raises:
         ConfigError: the launcher started N > 1 processes but accelerate sees a different number.
     """
+    cache_accelerate_package_probes()
     report_to = None if training.report_to == "none" else training.report_to.split(",")
     if report_to == ["all"]:
         report_to = "all"

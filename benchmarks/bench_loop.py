@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import is_compiled_module
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,26 +55,30 @@ def recipe_module(config: str):
 
 
 def recipe_argv(config: str, overrides: list[str], steps: int) -> list[str]:
-    # Evaluation and checkpoints stay out of the timed window; the final evaluation comes after it.
-    return ["--config", config, *overrides, "--max_train_steps", str(steps), "--eval_steps", str(10**9),
-            "--checkpointing_steps", "None", "--plot", "false", "--overwrite_output_dir", "true"]
+    # No evaluation or checkpoint, and the run stops after the last timed step, as a preemption would:
+    # a compiled model would otherwise recompile for the final evaluation, which is not a training step.
+    return ["--config", config, *overrides, "--max_train_steps", str(steps), "--stop_after_step", str(steps),
+            "--eval_steps", str(10**9), "--checkpointing_steps", "None", "--plot", "false",
+            "--overwrite_output_dir", "true"]
 
 
 def run_recipe_timed(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     from swa_accel.cli import run_recipe
 
     marks: dict[int, float] = {}
+    compiled = []
     original = Trainer.after_optimizer_step
 
     def timed_step(self):
         original(self)
+        compiled[:] = [is_compiled_module(self.model)]
         if self.state.global_step in (warmup, steps):
             synchronize(self.accelerator.device)
             marks[self.state.global_step] = time.perf_counter()
 
     Trainer.after_optimizer_step = timed_step
     run_recipe(recipe_module(config).setup, recipe_argv(config, overrides, steps))
-    return {"ms_per_step": 1e3 * (marks[steps] - marks[warmup]) / (steps - warmup)}
+    return {"ms_per_step": 1e3 * (marks[steps] - marks[warmup]) / (steps - warmup), "compiled": compiled[0]}
 
 
 def run_bare(config: str, overrides: list[str], steps: int, warmup: int, compile_model: bool) -> dict:
@@ -114,7 +119,8 @@ def run_bare(config: str, overrides: list[str], steps: int, warmup: int, compile
         optimizer.step()
         optimizer.zero_grad()
     synchronize(device)
-    return {"ms_per_step": 1e3 * (time.perf_counter() - start) / (steps - warmup), "held_batches": count}
+    return {"ms_per_step": 1e3 * (time.perf_counter() - start) / (steps - warmup), "held_batches": count,
+            "compiled": compile_model}
 
 
 def main() -> None:
@@ -131,7 +137,8 @@ def main() -> None:
     else:
         result = run_recipe_timed(args.config, overrides, args.steps, args.warmup)
     result.update(mode=args.mode, config=args.config, overrides=overrides, steps=args.steps, warmup=args.warmup,
-                  compile=args.compile, process_s=round(time.perf_counter() - start, 1))
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  process_s=round(time.perf_counter() - start, 1))
     print("BENCH " + json.dumps(result), flush=True)
 
 

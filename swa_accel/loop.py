@@ -79,6 +79,12 @@ def seeded_dataset(task: Task, seed: int, stream: int):
     return SeededView(dataset, seed, stream) if task.random_transforms else dataset
 
 
+def set_epoch(dataset, epoch: int) -> None:
+    """Tells a seeded dataset which epoch it serves (a dataset without random transforms has nothing to set)."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
 def keep_on_device(nbytes: int, device: torch.device, placement: str) -> bool:
     """Whether decoded tensors of `nbytes` live on the training device ('auto': when they take a quarter of it)."""
     if placement != "auto" or device.type != "cuda":
@@ -209,7 +215,7 @@ class Trainer:
                                            acc.num_processes)
         if self.swa.swa_method == "swa":
             step = self.state.global_step
-            self.bn_view.set_epoch(step)
+            set_epoch(self.bn_view, step)
             cap = None if full_bn_pass else self.swa.bn_recompute_max_samples
 
             def loader():
@@ -351,7 +357,7 @@ class Trainer:
         self.model.train()
         while self.state.global_step < plan.total_steps:
             self.train_loader.set_epoch(self.state.epoch)
-            self.train_view.set_epoch(self.state.epoch)
+            set_epoch(self.train_view, self.state.epoch)
             loader = self.train_loader
             if self.state.batches_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, self.state.batches_in_epoch)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -37,6 +38,14 @@ def test_no_host_sync_between_logging_steps(tmp_path):
     assert any(call["call"] == "item" for call in counted["logging"])
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert next(r for r in records if r["model"] == "swa")["n_averaged"] == 28  # after each of steps 13..40
+
+    # Each logging step sends the mean loss since the last one, the LR and the fractional epoch to the trackers.
+    train_logs = [r for r in counted["tracked"] if "train/loss" in r]
+    assert [r["step"] for r in train_logs] == [10, 20, 30, 40]
+    assert [r["train/epoch"] for r in train_logs] == [0.25, 0.5, 0.75, 1.0]
+    assert train_logs[0]["train/lr"] == pytest.approx(0.1) and train_logs[-1]["train/lr"] == pytest.approx(0.05)
+    losses = [r["train/loss"] for r in train_logs]
+    assert all(0.0 < loss < 5.0 for loss in losses) and losses[-1] < losses[0]  # a real, falling training loss
 
 
 def test_a_compiled_model_trains_averages_exports_and_resumes(tmp_path):

@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -72,10 +73,19 @@ def main():
         original(self, progress)
         counter.phase = "between"
 
+    # What the trackers receive: accelerate's `log`, recorded as called (no tracker package needed).
+    tracked = []
+    real_log = Accelerator.log
+
+    def recording_log(self, values, step=None, log_kwargs=None):
+        tracked.append({"step": step, **{k: float(v) for k, v in values.items()}})
+        return real_log(self, values, step=step, log_kwargs=log_kwargs)
+
     Trainer.log_training_progress = counted_logging
+    Accelerator.log = recording_log
     with counter:
         run_recipe(vision_recipe.setup, recipe_args)
-    report = {"windows": windows, "logging": counter.calls["logging"]}
+    report = {"windows": windows, "logging": counter.calls["logging"], "tracked": tracked}
     report_path.write_text(json.dumps(report, indent=1))
 
 

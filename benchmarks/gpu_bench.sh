@@ -48,8 +48,8 @@ bench pre_recipe_eager 120 $ACC benchmarks/bench_loop.py recipe $V $VARGS --step
 # 2. Text: a BERT-base-size model built from a config, batch 32, static shapes at max_length 64.
 T=recipes/text/configs/smoke.yaml
 TARGS="--model_name_or_path $DATA/tokenizer --dataset_name $DATA/glue --dataset_config_name sst2 --config_overrides $BERT --max_length 64 --pad_to_max_length true --max_train_samples $SENTENCES --per_device_train_batch_size 32 --output_dir /tmp/swa_bench_runs/t"
-bench text_bare 120 $ACC benchmarks/bench_loop.py bare $T $TARGS --steps $TSTEPS --warmup $WARM
-bench text_recipe 120 $ACC benchmarks/bench_loop.py recipe $T $TARGS --steps $TSTEPS --warmup $WARM
+[[ -z "${SKIP_TEXT:-}" ]] && bench text_bare 120 $ACC benchmarks/bench_loop.py bare $T $TARGS --steps $TSTEPS --warmup $WARM
+[[ -z "${SKIP_TEXT:-}" ]] && bench text_recipe 120 $ACC benchmarks/bench_loop.py recipe $T $TARGS --steps $TSTEPS --warmup $WARM
 # 3. The default digits job, end to end, on this device.
 start=$SECONDS
 timeout 100 $ACC recipes/vision/train.py --config recipes/vision/configs/digits_small_cnn.yaml --output_dir /tmp/swa_bench_runs/digits > "$LOGS/digits.out" 2>&1

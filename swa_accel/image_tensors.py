@@ -85,6 +85,7 @@ class ImageTensorDataset(Dataset):
         self.seed, self.stream, self.epoch = 0, 0, 0
         self.augment = self.pad > 0
         self.device = torch.device("cpu")
+        self.pixels_on_device = True  # with the CPU as the training device, host memory is the device
         self.memory_format = torch.contiguous_format
         self._set_normalisation()
 
@@ -100,6 +101,7 @@ class ImageTensorDataset(Dataset):
     def place(self, device: torch.device, keep_on_device: bool) -> "ImageTensorDataset":
         """Batches go to `device`; the pixels live there too, or in host memory when `keep_on_device` is False."""
         self.device = torch.device(device)
+        self.pixels_on_device = keep_on_device
         if keep_on_device:
             self.images = self.images.to(self.device)
         self._set_normalisation()
@@ -151,7 +153,7 @@ class ImageTensorDataset(Dataset):
         if self.augment:
             parts.append(self._crop_indices(index))
         packed = torch.from_numpy(np.concatenate(parts, axis=1))
-        if self.images.device == self.device:
+        if self.pixels_on_device:
             # Indices, labels and crops travel as one small int64 tensor; the pixels never leave the device.
             packed = _to_device(packed, self.device)
             pixels = self._gather(packed[:, 0], packed[:, 2:] if self.augment else None)

@@ -75,3 +75,18 @@ def test_a_compiled_model_trains_averages_exports_and_resumes(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{which}/{key}"
+
+
+def test_the_compile_config_asks_accelerate_for_inductor():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "accelerate_configs" / "single_gpu_compile.yaml"))
+    assert config.dynamo_config["dynamo_backend"] == "INDUCTOR" and config.mixed_precision == "bf16"
+
+
+def test_data_placement_choice():
+    from swa_accel.loop import keep_on_device
+
+    cpu = torch.device("cpu")
+    assert keep_on_device(10**12, cpu, "auto")  # the host is the training device: nothing to move
+    assert keep_on_device(10**6, cpu, "device") and not keep_on_device(10**6, cpu, "host")

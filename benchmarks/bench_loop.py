@@ -12,8 +12,10 @@ Both time the steps after `--warmup` (which absorbs torch.compile) with the devi
 both ends of the window only.
 
 Usage:
-  python benchmarks/bench_loop.py bare   RECIPE.yaml [--key value ...] [--steps N --warmup W --compile]
-  python benchmarks/bench_loop.py recipe RECIPE.yaml [--key value ...] [--steps N --warmup W]
+  python benchmarks/bench_loop.py bare    RECIPE.yaml [--key value ...] [--steps N --warmup W --compile]
+  python benchmarks/bench_loop.py recipe  RECIPE.yaml [--key value ...] [--steps N --warmup W]
+  python benchmarks/bench_loop.py compare RECIPE.yaml [--key value ...] [--repeats 3]   # alternates the two,
+      # each in a fresh process, and reports the fastest of each and their ratio (machine noise only slows)
 (for the recipe, compile comes from the accelerate config or `--dynamo_backend` of accelerate launch;
  here the environment variable ACCELERATE_DYNAMO_BACKEND=INDUCTOR does the same in one process.)
 """
@@ -123,16 +125,36 @@ def run_bare(config: str, overrides: list[str], steps: int, warmup: int, compile
             "compiled": compile_model}
 
 
+def compare(args, overrides: list[str]) -> dict:
+    """Alternates bare and recipe runs in fresh processes; the fastest of each is the least disturbed."""
+    import subprocess
+
+    times: dict[str, list[float]] = {"bare": [], "recipe": []}
+    for _ in range(args.repeats):
+        for mode in times:
+            command = [sys.executable, __file__, mode, args.config, *overrides, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup)]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            line = next(x for x in output.splitlines() if x.startswith("BENCH "))
+            times[mode].append(json.loads(line[6:])["ms_per_step"])
+    best = {mode: min(values) for mode, values in times.items()}
+    return {"bare_ms": round(best["bare"], 3), "recipe_ms": round(best["recipe"], 3),
+            "ratio": round(best["recipe"] / best["bare"], 3), "all_ms": times}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("bare", "recipe"))
+    parser.add_argument("mode", choices=("bare", "recipe", "compare"))
+    parser.add_argument("--repeats", type=int, default=3, help="compare: runs of each")
     parser.add_argument("config")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--compile", action="store_true", help="bare loop: torch.compile the model (inductor)")
     args, overrides = parser.parse_known_args()
     start = time.perf_counter()
-    if args.mode == "bare":
+    if args.mode == "compare":
+        result = compare(args, overrides)
+    elif args.mode == "bare":
         result = run_bare(args.config, overrides, args.steps, args.warmup, args.compile)
     else:
         result = run_recipe_timed(args.config, overrides, args.steps, args.warmup)

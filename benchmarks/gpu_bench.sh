@@ -54,10 +54,9 @@ TARGS="--model_name_or_path $DATA/tokenizer --dataset_name $DATA/glue --dataset_
 start=$SECONDS
 timeout 100 $ACC recipes/vision/train.py --config recipes/vision/configs/digits_small_cnn.yaml --output_dir /tmp/swa_bench_runs/digits > "$LOGS/digits.out" 2>&1
 log "RUN digits_default rc=$? wall_s=$((SECONDS - start)) timings=$(tr -d ' \n' < /tmp/swa_bench_runs/digits/final/timings.json 2>/dev/null) $(grep -A4 'final evaluation' "$LOGS/digits.out" | tr '\n' '|')"
-# 1b. The same, compiled (inductor), and eager in channels-last layout.
+# 1b. The same, compiled (inductor).
 bench pre_bare_compiled 240 $ACC benchmarks/bench_loop.py bare $V $VARGS --steps $STEPS --warmup $WARM --compile
 bench pre_recipe_compiled 180 $ACC --dynamo_backend inductor benchmarks/bench_loop.py recipe $V $VARGS --steps $STEPS --warmup $WARM
-bench pre_recipe_eager_channels_last 100 $ACC benchmarks/bench_loop.py recipe $V $VARGS --channels_last true --steps $STEPS --warmup $WARM
 # 4. A CIFAR-schema PreResNet SWA run with the CIFAR configs' cadence (checkpoint every epoch, evaluation
 #    every 5), eager, then capped vs full BN passes of its average.
 start=$SECONDS

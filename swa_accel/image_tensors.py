@@ -86,7 +86,6 @@ class ImageTensorDataset(Dataset):
         self.augment = self.pad > 0
         self.device = torch.device("cpu")
         self.pixels_on_device = True  # with the CPU as the training device, host memory is the device
-        self.memory_format = torch.contiguous_format
         self._set_normalisation()
 
     # ----- placement and views --------------------------------------------------------------
@@ -164,7 +163,7 @@ class ImageTensorDataset(Dataset):
         labels = packed[:, 1]
         pixels = pixels.permute(0, 3, 1, 2)  # (B, C, H, W), still laid out channels-last
         pixels = (pixels.float() - self._shift) * self._inv
-        return {"pixel_values": pixels.contiguous(memory_format=self.memory_format), "labels": labels}
+        return {"pixel_values": pixels.contiguous(), "labels": labels}
 
     def __getitem__(self, key: Union[int, slice]) -> dict[str, torch.Tensor]:
         """One sample (int) or a stacked range (slice), as `__getitems__` would batch them."""

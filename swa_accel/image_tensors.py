@@ -2,7 +2,7 @@
 
 A split is decoded once into `images` (N, H, W, C) and `labels` (N,). A batch is built from the
 sampler's indices in a few tensor ops: gather, zero-padded random crop and horizontal flip in one
-advanced index, then normalisation. No per-sample Python, no worker processes, no host copy of
+`index_select`, then normalisation. No per-sample Python, no worker processes, no host copy of
 pixels when the split lives on the device.
 
 Augmentation stays a pure function of (seed, stream, epoch, sample index), now through a
@@ -136,12 +136,17 @@ class ImageTensorDataset(Dataset):
     def _gather(self, index: torch.Tensor, crop: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, H, W, C) raw pixels of `index`, cropped by `crop` (or the centre when not augmenting)."""
         if crop is None:
-            pixels = self.images[index]
+            pixels = self.images.index_select(0, index)
             if self.pad:
                 pixels = pixels[:, self.pad:self.pad + self.height, self.pad:self.pad + self.width]
             return pixels
+        # One index_select of whole pixels (C values each) at flat positions: several times faster than
+        # a three-tensor advanced index on the CPU, and a single gather kernel on a GPU.
+        _, padded_height, padded_width, channels = self.images.shape
         rows, cols = crop[:, :self.height], crop[:, self.height:]
-        return self.images[index[:, None, None], rows[:, :, None], cols[:, None, :]]
+        flat = (index[:, None, None] * padded_height + rows[:, :, None]) * padded_width + cols[:, None, :]
+        pixels = self.images.view(-1, channels).index_select(0, flat.reshape(-1))
+        return pixels.view(len(index), self.height, self.width, channels)
 
     def __getitems__(self, indices: Union[Sequence[int], torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch of `indices`: {"pixel_values": float32 (B, C, H, W) on the device, "labels": (B,)}."""
@@ -161,9 +166,10 @@ class ImageTensorDataset(Dataset):
             pixels = _to_device(self._gather(packed[:, 0], packed[:, 2:] if self.augment else None), self.device)
             packed = _to_device(packed, self.device)
         labels = packed[:, 1]
-        pixels = pixels.permute(0, 3, 1, 2)  # (B, C, H, W), still laid out channels-last
-        pixels = (pixels.float() - self._shift) * self._inv
-        return {"pixel_values": pixels.contiguous(), "labels": labels}
+        # Transpose to (B, C, H, W) while the pixels are still bytes, then normalise in place (the
+        # gather made a fresh tensor): a quarter of the memory traffic of doing it in float.
+        pixels = pixels.permute(0, 3, 1, 2).contiguous().float()
+        return {"pixel_values": pixels.sub_(self._shift).mul_(self._inv), "labels": labels}
 
     def __getitem__(self, key: Union[int, slice]) -> dict[str, torch.Tensor]:
         """One sample (int) or a stacked range (slice), as `__getitems__` would batch them."""

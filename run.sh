@@ -2,7 +2,7 @@
 # swa-accel launcher.
 #
 #   ./run.sh                                   # the offline default job (vision, digits)
-#   ./run.sh RECIPE.yaml [--key value ...]     # any recipe config, with overrides
+#   ./run.sh RECIPE.yaml [--key value ...]     # any recipe config (from anywhere, see its `recipe:` key), with overrides
 #   ./run.sh --accelerate_config accelerate_configs/cpu_2proc.yaml RECIPE.yaml ...
 #   ./run.sh test [pytest args]                # the test suite
 #
@@ -11,8 +11,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER_DIR="$PWD"  # relative paths on the command line are the caller's
 VENV="${SWA_ACCEL_VENV:-$ROOT/.venv}"
-DEFAULT_RECIPE="recipes/vision/configs/digits_small_cnn.yaml"
+DEFAULT_RECIPE="$ROOT/recipes/vision/configs/digits_small_cnn.yaml"
 cd "$ROOT"
 
 ensure_venv() {
@@ -30,9 +31,30 @@ ensure_venv() {
 
 default_accelerate_config() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
-    echo "accelerate_configs/single_gpu.yaml"
+    echo "$ROOT/accelerate_configs/single_gpu.yaml"
   else
-    echo "accelerate_configs/cpu.yaml"
+    echo "$ROOT/accelerate_configs/cpu.yaml"
+  fi
+}
+
+absolute() {  # a path as the caller meant it
+  if [[ "$1" == /* ]]; then echo "$1"; else echo "$CALLER_DIR/$1"; fi
+}
+
+# Which recipe a config belongs to: its `recipe:` key, else the recipes/<name>/configs/ folder it sits in.
+recipe_script() {
+  local config="$1" name
+  name="$("$VENV/bin/python" -c 'import sys, yaml
+data = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+print(data.get("recipe", "") if isinstance(data, dict) else "")' "$config" 2>/dev/null)" || true
+  if [[ -n "$name" ]]; then
+    [[ -f "$ROOT/recipes/$name/train.py" ]] || { echo "error: recipe: '$config' names recipe '$name'; the recipes are: $(cd "$ROOT/recipes" && ls -d */ | tr -d / | grep -v __ | paste -sd ' ')" >&2; exit 2; }
+    echo "$ROOT/recipes/$name/train.py"
+  elif [[ -f "$(dirname "$(dirname "$config")")/train.py" ]]; then
+    echo "$(dirname "$(dirname "$config")")/train.py"
+  else
+    echo "error: recipe: cannot tell which recipe '$config' is for; add a line 'recipe: vision' or 'recipe: text' to it" >&2
+    exit 2
   fi
 }
 
@@ -48,7 +70,7 @@ fi
 
 ACCELERATE_CONFIG=""
 if [[ "${1:-}" == "--accelerate_config" ]]; then
-  ACCELERATE_CONFIG="${2:?run.sh: --accelerate_config needs a file}"
+  ACCELERATE_CONFIG="$(absolute "${2:?run.sh: --accelerate_config needs a file}")"
   shift 2
 fi
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$(default_accelerate_config)}"
@@ -56,12 +78,18 @@ ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$(default_accelerate_config)}"
 
 RECIPE="$DEFAULT_RECIPE"
 if [[ $# -gt 0 && "$1" != --* ]]; then
-  RECIPE="$1"
+  RECIPE="$(absolute "$1")"
   shift
 fi
 [[ -f "$RECIPE" ]] || { echo "error: config: '$RECIPE' does not exist" >&2; exit 2; }
-# A recipe's configs live in recipes/<name>/configs/; its script is recipes/<name>/train.py.
-SCRIPT="$(dirname "$(dirname "$RECIPE")")/train.py"
-[[ -f "$SCRIPT" ]] || { echo "error: config: no train.py beside '$RECIPE' (expected $SCRIPT)" >&2; exit 2; }
+SCRIPT="$(recipe_script "$RECIPE")" || exit 2
 
-exec "$VENV/bin/accelerate" launch --quiet --config_file "$ACCELERATE_CONFIG" "$SCRIPT" --config "$RECIPE" "$@"
+LAUNCH_ARGS=(--quiet --config_file "$ACCELERATE_CONFIG")
+# On a CPU config accelerate picks the thread count itself and warns about it on every run; pick the same
+# value here (physical cores), unless OMP_NUM_THREADS already says.
+if grep -q "^use_cpu: true" "$ACCELERATE_CONFIG" && [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+  LAUNCH_ARGS+=(--num_cpu_threads_per_process "$("$VENV/bin/python" -c 'import psutil; print(psutil.cpu_count(logical=False) or 1)')")
+fi
+# Outputs and other relative paths in the config or on the command line are relative to where run.sh was called.
+cd "$CALLER_DIR"
+exec "$VENV/bin/accelerate" launch "${LAUNCH_ARGS[@]}" "$SCRIPT" --config "$RECIPE" "$@"

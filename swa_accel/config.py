@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -174,8 +175,45 @@ class _OneLineArgumentParser(HfArgumentParser):
         raise ConfigError(message)
 
 
+#: The YAML key that names the recipe a config belongs to, so that run.sh finds the script wherever the file is.
+RECIPE_KEY = "recipe"
+#: Command-line words that unset an optional value.
+UNSET_WORDS = ("none", "null")
+
+
 def field_names(dataclass_types: tuple[type, ...]) -> set[str]:
     return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype)}
+
+
+def optional_field_names(dataclass_types: tuple[type, ...]) -> set[str]:
+    """Fields typed `Optional[...]`: the ones `--key none` may unset."""
+    names = set()
+    for dtype in dataclass_types:
+        hints = typing.get_type_hints(dtype)
+        names |= {f.name for f in dataclasses.fields(dtype) if type(None) in typing.get_args(hints[f.name])}
+    return names
+
+
+def split_unset_flags(argv: list[str], optional: set[str]) -> tuple[list[str], list[str]]:
+    """Takes `--key none` / `--key=null` for optional fields out of `argv`; returns (rest, keys to unset).
+
+    argparse would convert 'none' with the field's type (int('none') fails), so these are applied as
+    parser defaults instead, after the YAML values and before the other flags.
+    """
+    rest, unset, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        name, sep, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        name = name.replace("-", "_")
+        if not sep and i + 1 < len(argv):
+            value = argv[i + 1]
+        if name in optional and value.lower() in UNSET_WORDS:
+            unset.append(name)
+            i += 1 if sep else 2
+            continue
+        rest.append(token)
+        i += 1
+    return rest, unset
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -192,13 +230,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_config(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple[Any, ...]:
+def parse_config(dataclass_types: tuple[type, ...], argv: list[str], recipe: Optional[str] = None) -> tuple[Any, ...]:
     """Fills the dataclasses from `--config FILE.yaml` and then `--key value` overrides.
+
+    `--key none` (or `null`) unsets an optional value, also one the YAML file sets.
 
     Args:
         dataclass_types: the recipe's argument dataclasses, e.g. (VisionDataArguments, ModelArguments,
             TrainingArguments, SWAArguments).
         argv: command-line arguments without the program name.
+        recipe: the calling recipe's name; a YAML `recipe:` key must match it.
 
     Returns:
         One instance per dataclass type, in order.
@@ -212,11 +253,16 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str]) -> tuple[An
     parser = _OneLineArgumentParser(dataclass_types)
     if known.config is not None:
         values = load_yaml(known.config)
+        named = values.pop(RECIPE_KEY, None)
+        if named is not None and recipe is not None and named != recipe:
+            raise ConfigError(f"recipe: {known.config} is a config of the {named!r} recipe, not of {recipe!r}")
         unknown = sorted(set(values) - field_names(dataclass_types))
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown key in {known.config}")
         # Argparse converts string defaults with the field's type, so YAML's '1e-3' still becomes a float.
         parser.set_defaults(**values)
+    rest, unset = split_unset_flags(rest, optional_field_names(dataclass_types))
+    parser.set_defaults(**{name: None for name in unset})
     try:
         return tuple(parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False))
     except ConfigError:

@@ -68,3 +68,24 @@ def test_launch_guard_refuses_a_launch_whose_processes_did_not_join(monkeypatch,
     monkeypatch.setattr(launch_module, "launched_world_size", lambda: 2)
     with pytest.raises(ConfigError, match="^launch: the launcher started 2 processes but accelerate sees 1"):
         launch_module.make_accelerator(TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_none_on_the_command_line_unsets_an_optional_value_the_yaml_set(tmp_path):
+    path = ROOT / "recipes" / "vision" / "configs" / "digits_small_cnn.yaml"
+    _, _, training, swa = parse_config(VISION, ["--config", str(path)])
+    assert swa.swa_start_epoch == 30 and swa.swa_lr == 0.05 and swa.bn_recompute_max_samples == 4096
+    _, _, training, swa = parse_config(VISION, ["--config", str(path), "--swa_start_epoch", "none",
+                                                "--swa_lr=NULL", "--bn-recompute-max-samples", "None",
+                                                "--swa_start_step", "100", "--seed", "3"])
+    assert swa.swa_start_epoch is None and swa.swa_lr is None and swa.bn_recompute_max_samples is None
+    assert swa.swa_start_step == 100 and training.seed == 3  # the other flags still apply
+    with pytest.raises(ConfigError, match="seed"):  # not optional: 'none' is no integer
+        parse_config(VISION, ["--config", str(path), "--seed", "none"])
+
+
+def test_a_config_names_its_recipe_and_the_other_recipe_refuses_it(tmp_path):
+    path = ROOT / "recipes" / "vision" / "configs" / "smoke.yaml"
+    assert "recipe: vision" in path.read_text()
+    parse_config(VISION, ["--config", str(path)], recipe="vision")
+    with pytest.raises(ConfigError, match=r"^recipe: .*smoke.yaml is a config of the 'vision' recipe, not of 'text'"):
+        parse_config(VISION, ["--config", str(path)], recipe="text")

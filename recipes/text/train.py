@@ -139,7 +139,7 @@ def setup(argv: list[str]):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     data_args, model_args, training, swa = parse_config(
-        (TextDataArguments, TextModelArguments, TrainingArguments, SWAArguments), argv
+        (TextDataArguments, TextModelArguments, TrainingArguments, SWAArguments), argv, recipe="text"
     )
     accelerator = make_accelerator(training)
     path = data_args.model_name_or_path

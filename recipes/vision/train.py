@@ -54,7 +54,7 @@ def save_model(module, folder: Path) -> None:
 
 def setup(argv: list[str]):
     data_args, model_args, training, swa = parse_config(
-        (VisionDataArguments, VisionModelArguments, TrainingArguments, SWAArguments), argv
+        (VisionDataArguments, VisionModelArguments, TrainingArguments, SWAArguments), argv, recipe="vision"
     )
     accelerator = make_accelerator(training)
     with accelerator.main_process_first():

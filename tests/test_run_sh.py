@@ -1,0 +1,44 @@
+"""run.sh as a user calls it: a config copied anywhere runs through its `recipe:` key, quietly."""
+
+import os
+import subprocess
+
+import yaml
+
+from tests.helpers.launch import ROOT
+
+SMOKE = ROOT / "recipes" / "vision" / "configs" / "smoke.yaml"
+
+
+def run_sh(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as in a fresh shell
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    return subprocess.run([str(ROOT / "run.sh"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_config_copied_elsewhere_runs_from_there_without_the_launcher_warning(tmp_path):
+    (tmp_path / "mine.yaml").write_text(SMOKE.read_text())
+    result = run_sh(["mine.yaml", "--output_dir", "out", "--max_train_samples", "64", "--num_train_epochs", "2",
+                     "--checkpointing_steps", "none"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Relative paths are the caller's: the outputs landed beside the copied config.
+    assert (tmp_path / "out" / "final" / "swa" / "model.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["config"]["checkpointing_steps"] is None
+    assert "were not passed to `accelerate launch`" not in result.stderr
+
+
+def test_a_config_that_does_not_say_its_recipe_is_refused_in_one_line(tmp_path):
+    values = yaml.safe_load(SMOKE.read_text())
+    del values["recipe"]
+    (tmp_path / "anonymous.yaml").write_text(yaml.safe_dump(values))
+    values["recipe"] = "audio"
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(values))
+    result = run_sh(["anonymous.yaml"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: recipe: cannot tell which recipe '{tmp_path}/anonymous.yaml' is for; "
+                                     "add a line 'recipe: vision' or 'recipe: text' to it")
+    result = run_sh(["unknown.yaml"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: recipe: '{tmp_path}/unknown.yaml' names recipe 'audio'; "
+                                     "the recipes are: text vision")

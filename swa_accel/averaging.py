@@ -79,6 +79,9 @@ class WeightAverager:
 
     Call `update(model)` right after a real optimizer step. The update is a handful of
     `torch._foreach_*` kernels with no host-device synchronisation: `n_averaged` is a Python int.
+    Weights with a NaN or an infinity are never folded in: the check and the choice happen on the
+    device (the average keeps its value), and `nonfinite_seen` records it for the loop, which reads
+    it where it reads the loss anyway and stops the run.
 
     Args:
         model: the prepared (possibly wrapped) model; its wrapper-free names key the average.
@@ -114,6 +117,8 @@ class WeightAverager:
             self.averaged = {
                 name: torch.zeros(t.shape, dtype=torch.float32, device=placement.device) for name, t in source.items()
             }
+        # Set on the device when an update met non-finite weights (and skipped them); never reset.
+        self.nonfinite_seen = torch.zeros((), dtype=torch.bool, device=placement.device)
         self._bound_model: Optional[nn.Module] = None
         self._sources: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
@@ -147,12 +152,22 @@ class WeightAverager:
                 else s.detach().to(device=t.device, dtype=torch.float32, non_blocking=True)
                 for s, t in zip(self._sources, self._targets)
             ]
+            # A diverged step must not poison the average for good, and the check must not wait for the
+            # device. NaN * 0 is NaN, so the sources are zeroed through their integer bits (finite: x,
+            # else 0.0) and the step weight is multiplied by the flag: a non-finite update moves nothing.
+            # (The 2-norm is several times cheaper than the max-norm on CPUs; it also flags weights beyond
+            # about 1e19, where the sum of squares overflows: diverged all the same.)
+            finite = torch.stack(torch._foreach_norm(sources)).sum().isfinite()
+            self.nonfinite_seen |= ~finite
+            masked = torch._foreach_mul([s.view(torch.int32) for s in sources], finite.to(torch.int32))
+            sources = [m.view(torch.float32) for m in masked]
             if self.n_averaged == 0:
-                torch._foreach_copy_(self._targets, sources)
+                weight = 1.0
             elif self.method == "swa":
-                torch._foreach_lerp_(self._targets, sources, 1.0 / (self.n_averaged + 1))
+                weight = 1.0 / (self.n_averaged + 1)
             else:
-                torch._foreach_lerp_(self._targets, sources, 1.0 - self._decay())
+                weight = 1.0 - self._decay()
+            torch._foreach_lerp_(self._targets, sources, finite.to(torch.float32) * weight)
         self.n_averaged += 1
 
     def materialize(self, build_model: Callable[[], nn.Module], base_model: nn.Module, device: torch.device,

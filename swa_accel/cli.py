@@ -6,14 +6,16 @@ import sys
 from typing import Callable, Optional
 
 from .config import ConfigError, first_line
-from .loop import Trainer
+from .loop import Trainer, TrainingDiverged
 
 
 def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = None) -> dict:
     """Runs `setup(argv)` -> (task, training, swa, accelerator, config), then the training loop.
 
     Any configuration or data problem found before the first training step is printed as one
-    `error: <field>: <what is wrong>` line and the process exits with status 2.
+    `error: <field>: <what is wrong>` line and the process exits with status 2. A run that diverges
+    (non-finite loss or weights) stops with one `error: training: ...` line and status 1, having saved
+    nothing after the divergence.
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -22,4 +24,10 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {first_line(error)}", file=sys.stderr)
         sys.exit(2)
-    return trainer.run()
+    try:
+        return trainer.run()
+    except TrainingDiverged as error:
+        trainer.accelerator.end_training()
+        if trainer.accelerator.is_main_process:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -7,6 +7,7 @@ save a model) and calls `train`. Everything SWA-specific happens here and in the
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections import defaultdict
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from .averaging import MainProcessPlacement, WeightAverager
 from .batches import forward_logits
 from .batchnorm import bn_order, recompute_bn, shard_loader
-from .checkpointing import TrainState, resolve_resume_path, save_checkpoint
+from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, save_checkpoint
 from .config import ConfigError, SWAArguments, TrainingArguments
 from .evaluation import evaluate_model, load_metrics
 from .optim import build_optimizer
@@ -91,6 +92,10 @@ def keep_on_device(nbytes: int, device: torch.device, placement: str) -> bool:
         return placement != "host"
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes <= free // 4
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or non-finite weights: the run stops before it saves or averages anything more."""
 
 
 def _tracker_config(config: dict) -> dict:
@@ -241,6 +246,7 @@ class Trainer:
 
     def evaluate(self, final: bool = False) -> tuple[dict, Optional[nn.Module]]:
         """Evaluates the base model and, once averaging has begun, the averaged one; logs both."""
+        self.read_health(weights=True)  # never log or export metrics of diverged weights
         acc = self.accelerator
         results: dict[str, dict[str, dict[str, float]]] = {"base": {}}
         base = acc.unwrap_model(self.model)
@@ -267,6 +273,7 @@ class Trainer:
 
     def checkpoint(self, swa_module: Optional[nn.Module]) -> None:
         """Saves the training state; once averaging has begun, also the BN-recomputed averaged model."""
+        self.read_health(weights=True)  # a diverged state must never replace a good checkpoint
         if swa_module is None:
             swa_module = self.averaged_model()
         writer = None
@@ -306,16 +313,46 @@ class Trainer:
         self.loss_count += 1
         return loss
 
+    def read_health(self, weights: bool) -> float:
+        """The mean training loss since the last read (over ranks); raises `TrainingDiverged` if anything is not finite.
+
+        One collective and one read for everything: the loss, the averager's non-finite flag and, with
+        `weights`, a norm of the model's weights (before anything is saved from them).
+        """
+        acc = self.accelerator
+        zero = torch.zeros((), device=acc.device)
+        skipped = self.averager.nonfinite_seen.to(acc.device) if self.averager is not None else zero
+        bad_weights = zero
+        if weights:
+            norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+            bad_weights = ~torch.stack(norms).float().sum().isfinite()
+        values = acc.reduce(torch.stack([self.loss_sum / max(self.loss_count, 1), skipped.float(),
+                                         bad_weights.float()]), reduction="sum").tolist()
+        mean_loss = values[0] / acc.num_processes
+        problems = [what for what, bad in (
+            (f"the training loss is {mean_loss}", not math.isfinite(mean_loss)),
+            ("an averaging update met non-finite weights and skipped them", values[1] > 0),
+            ("the weights are not finite", values[2] > 0)) if bad]
+        if problems:
+            checkpoints = list_checkpoints(self.checkpoint_root)
+            saved = (f"the last checkpoint, {checkpoints[-1]}, and the average are intact" if checkpoints
+                     else "no checkpoint was saved yet, and the average is intact")
+            raise TrainingDiverged(
+                f"training: diverged by optimizer step {self.state.global_step} ({'; '.join(problems)}); stopped "
+                f"before saving anything: {saved}; resume with a lower learning_rate or with max_grad_norm set")
+        return mean_loss
+
     def log_training_progress(self, progress) -> None:
         """Every `logging_steps`: the mean training loss since the last read, over ranks, to the bar and trackers.
 
         This is the loop's only read of a training value; between two logging steps nothing waits on the device.
+        A non-finite loss stops the run here (`read_health`).
         """
         acc = self.accelerator
         step = self.state.global_step
         if step % self.training.logging_steps and step < self.plan.total_steps:
             return
-        mean_loss = acc.reduce(self.loss_sum / max(self.loss_count, 1), reduction="mean").item()
+        mean_loss = self.read_health(weights=False)
         self.loss_sum.zero_()
         self.loss_count = 0
         lr = self.current_lr()
@@ -355,6 +392,21 @@ class Trainer:
         progress = tqdm(total=plan.total_steps, initial=self.state.global_step,
                         disable=not acc.is_local_main_process, desc="train")
         self.model.train()
+        try:
+            stopped = self.train_loop(progress)
+        finally:
+            progress.close()  # before any error line, so that the line is the last one printed
+        if stopped:
+            logger.info(f"stopped after step {self.state.global_step} as asked (stop_after_step); "
+                        "continue with --resume_from_checkpoint latest", main_process_only=True)
+            acc.end_training()
+            return {}
+        self.timings["total"] = time.perf_counter() - run_start
+        return self.finish()
+
+    def train_loop(self, progress) -> bool:
+        """Epochs of steps until the budget is spent; True when the run stopped early as asked."""
+        acc, plan = self.accelerator, self.plan
         while self.state.global_step < plan.total_steps:
             self.train_loader.set_epoch(self.state.epoch)
             set_epoch(self.train_view, self.state.epoch)
@@ -371,14 +423,8 @@ class Trainer:
                     if self.state.global_step >= plan.total_steps or self.stop_requested():
                         break
             if self.stop_requested():
-                progress.close()
-                logger.info(f"stopped after step {self.state.global_step} as asked (stop_after_step); "
-                            "continue with --resume_from_checkpoint latest", main_process_only=True)
-                acc.end_training()
-                return {}
-        progress.close()
-        self.timings["total"] = time.perf_counter() - run_start
-        return self.finish()
+                return True
+        return False
 
     def stop_requested(self) -> bool:
         return self.state.global_step == self.training.stop_after_step

@@ -35,7 +35,7 @@ def test_no_host_sync_between_logging_steps(tmp_path):
     # permutation into a list: a CPU tensor from a CPU generator, never a device sync.
     assert all(call["call"] == "tolist" and "sampler.py" in call["stack"][-1] for call in windows[40]), windows[40]
     # The detector works: the logging steps themselves read the loss.
-    assert any(call["call"] == "item" for call in counted["logging"])
+    assert any(call["call"] in ("item", "tolist") for call in counted["logging"])
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert next(r for r in records if r["model"] == "swa")["n_averaged"] == 28  # after each of steps 13..40
 
@@ -90,3 +90,42 @@ def test_data_placement_choice():
     cpu = torch.device("cpu")
     assert keep_on_device(10**12, cpu, "auto")  # the host is the training device: nothing to move
     assert keep_on_device(10**6, cpu, "device") and not keep_on_device(10**6, cpu, "host")
+
+
+def diverging_run(tmp_path, inject_after, *extra):
+    config = tmp_path / "smoke_by_step.yaml"
+    values = yaml.safe_load(SMOKE.read_text())
+    del values["swa_start_epoch"]
+    config.write_text(yaml.safe_dump(values))
+    report = tmp_path / "report.json"
+    args = ["--config", str(config), "--output_dir", str(tmp_path / "run"), "--swa_start_step", "2",
+            "--swa_update_every_steps", "1", "--swa_anneal_steps", "1", "--plot", "false", *extra]
+    result = run_python(ROOT / "tests" / "workers" / "inject_nan.py", [str(report), str(inject_after), *args])
+    assert report.is_file(), result.stderr[-3000:]
+    return json.loads(report.read_text()), result.stderr.strip().splitlines()[-1]
+
+
+def test_a_nan_never_reaches_the_average_or_replaces_the_last_checkpoint(tmp_path):
+    # Weights turn NaN right after step 5; averaging runs every step, a checkpoint is due every 4 steps.
+    report, last_line = diverging_run(tmp_path, 5, "--checkpointing_steps", "4", "--logging_steps", "10")
+    assert report["exit_code"] == 1 and report["stopped_at_step"] == 8  # at the checkpoint due at step 8
+    assert report["average_finite"] and report["average_unchanged_since_injection"]  # updates 6-8 skipped
+    assert last_line == (f"error: training: diverged by optimizer step 8 (the training loss is nan; an averaging update "
+                         f"met non-finite weights and skipped them; the weights are not finite); stopped before saving anything: the last "
+                         f"checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_00000004'}, and the average are "
+                         "intact; resume with a lower learning_rate or with max_grad_norm set")
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000004"] and not (tmp_path / "run" / "final").exists()
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in saved.values() if t.is_floating_point())
+
+
+def test_a_nan_loss_at_a_logging_step_stops_the_run_in_one_line(tmp_path):
+    # No checkpoint and no evaluation (which also check) before the logging step at 10.
+    report, last_line = diverging_run(tmp_path, 6, "--checkpointing_steps", "None", "--eval_steps", "1000",
+                                      "--logging_steps", "5")
+    assert report["exit_code"] == 1 and report["stopped_at_step"] == 10
+    assert report["average_finite"] and report["average_unchanged_since_injection"]
+    assert last_line.startswith("error: training: diverged by optimizer step 10 (the training loss is nan; "
+                                "an averaging update met non-finite weights and skipped them)")
+    assert "no checkpoint was saved yet, and the average is intact" in last_line

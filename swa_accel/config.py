@@ -198,22 +198,30 @@ def split_unset_flags(argv: list[str], optional: set[str]) -> tuple[list[str], l
     """Takes `--key none` / `--key=null` for optional fields out of `argv`; returns (rest, keys to unset).
 
     argparse would convert 'none' with the field's type (int('none') fails), so these are applied as
-    parser defaults instead, after the YAML values and before the other flags.
+    parser defaults instead, after the YAML values. As with any flag, the last occurrence of a key wins:
+    an unset drops the key's earlier values, and a later value overrides an earlier unset.
     """
-    rest, unset, i = [], [], 0
+    occurrences = []  # (name, first token index, token count, unsets)
+    i = 0
     while i < len(argv):
         token = argv[i]
         name, sep, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
         name = name.replace("-", "_")
-        if not sep and i + 1 < len(argv):
-            value = argv[i + 1]
-        if name in optional and value.lower() in UNSET_WORDS:
-            unset.append(name)
-            i += 1 if sep else 2
+        if name in optional:
+            has_next_value = not sep and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = value if sep else (argv[i + 1] if has_next_value else "")
+            count = 2 if has_next_value else 1
+            occurrences.append((name, i, count, value.lower() in UNSET_WORDS))
+            i += count
             continue
-        rest.append(token)
         i += 1
-    return rest, unset
+    last = {name: unsets for name, _, _, unsets in occurrences}
+    dropped = set()
+    for name, start, count, unsets in occurrences:
+        if unsets or last[name]:
+            dropped.update(range(start, start + count))
+    rest = [token for index, token in enumerate(argv) if index not in dropped]
+    return rest, [name for name, unsets in last.items() if unsets]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

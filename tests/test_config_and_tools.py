@@ -89,3 +89,13 @@ def test_a_config_names_its_recipe_and_the_other_recipe_refuses_it(tmp_path):
     parse_config(VISION, ["--config", str(path)], recipe="vision")
     with pytest.raises(ConfigError, match=r"^recipe: .*smoke.yaml is a config of the 'vision' recipe, not of 'text'"):
         parse_config(VISION, ["--config", str(path)], recipe="text")
+
+
+def test_the_last_occurrence_of_a_flag_wins_also_for_none():
+    args = (TrainingArguments, SWAArguments)
+    _, swa = parse_config(args, ["--swa_start_step", "3", "--swa_start_step", "none"])
+    assert swa.swa_start_step is None
+    _, swa = parse_config(args, ["--swa_start_step", "none", "--swa_lr", "0.1", "--swa_start_step", "7"])
+    assert swa.swa_start_step == 7 and swa.swa_lr == 0.1
+    training, _ = parse_config(args, ["--checkpointing_steps", "3", "--checkpointing_steps=None"])
+    assert training.checkpointing_steps is None

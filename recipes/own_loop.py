@@ -1,0 +1,103 @@
+"""SWA in your own accelerate loop: swa_accel's pieces without the recipes' Trainer.
+
+    pip install -e .     # once, from this repository: then `import swa_accel` works in any script
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/own_loop.py --output_dir outputs/own_loop
+    (or, without installing, from the repository root: PYTHONPATH=. accelerate launch ...)
+
+A BatchNorm MLP on scikit-learn's digits: constant LR, then SWALR's anneal to swa_lr and one average per
+epoch from `swa_start_epoch`; at the end the average gets its BN statistics recomputed across ranks and is
+evaluated. It saves every averaged snapshot, so that its average can be checked against their mean.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from swa_accel import MainProcessPlacement, SWAArguments, TrainingArguments, WeightAverager, recompute_bn
+from swa_accel.batchnorm import shard_loader
+from swa_accel.schedule import make_plan, make_scheduler
+
+
+def build_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def digits(train: bool) -> TensorDataset:
+    bunch = load_digits()
+    x, y = torch.tensor(bunch.data, dtype=torch.float32) / 16.0, torch.tensor(bunch.target)
+    return TensorDataset(x[:1400], y[:1400]) if train else TensorDataset(x[1400:], y[1400:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default="outputs/own_loop")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--swa_start_epoch", type=int, default=6)
+    parser.add_argument("--batch_size", type=int, default=32, help="per process")
+    args = parser.parse_args()
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets 2 CPU processes form a group
+    set_seed(0)
+    model = build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_set = digits(train=True)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
+    test_loader = DataLoader(digits(train=False), batch_size=128)
+    model, optimizer, loader, test_loader = accelerator.prepare(model, optimizer, loader, test_loader)
+
+    # The SWA timeline and LR schedule, in optimizer steps (the same curve for any process count).
+    training = TrainingArguments(num_train_epochs=args.epochs, learning_rate=0.1, lr_scheduler_type="constant")
+    swa = SWAArguments(swa_start_epoch=args.swa_start_epoch, swa_lr=0.05)
+    plan = make_plan(len(loader), training, swa)
+    scheduler = make_scheduler(optimizer, plan, training, swa)
+    # The fp32 average lives on the main process only; the other ranks get it by broadcast when needed.
+    averager = WeightAverager(model, "swa", MainProcessPlacement(accelerator.device), accelerator.process_index)
+
+    output = Path(args.output_dir)
+    (output / "snapshots").mkdir(parents=True, exist_ok=True)
+    step = 0
+    for _ in range(plan.num_epochs):
+        model.train()
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                loss = F.cross_entropy(model(x), y)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:  # a real optimizer step
+                step += 1
+                scheduler.step()
+        if plan.update_at_epoch_end(step):
+            averager.update(model)
+            if accelerator.is_main_process:  # for the check against the mean of the snapshots
+                weights = {k: v.detach().float().cpu() for k, v in accelerator.unwrap_model(model).named_parameters()}
+                save_file(weights, str(output / "snapshots" / f"{averager.n_averaged:03d}.safetensors"))
+
+    # The averaged weights on every rank, BN statistics recomputed over each rank's share of the data.
+    swa_model = averager.materialize(build_model, accelerator.unwrap_model(model), accelerator.device,
+                                     accelerator.num_processes)
+    recompute_bn(swa_model, lambda: shard_loader(train_set, args.batch_size, None, accelerator.num_processes,
+                                                 accelerator.process_index), accelerator.device,
+                 accelerator.num_processes)
+    swa_model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in test_loader:
+            predictions, labels = accelerator.gather_for_metrics((swa_model(x).argmax(-1), y))
+            correct += (predictions == labels).sum().item()
+            total += len(labels)
+    if accelerator.is_main_process:
+        save_file({k: v.cpu() for k, v in swa_model.state_dict().items()}, str(output / "swa.safetensors"))
+        print(f"swa test accuracy {correct / total:.4f} over {total} images; {averager.n_averaged} snapshots averaged")
+
+
+if __name__ == "__main__":
+    main()

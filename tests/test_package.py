@@ -1,0 +1,79 @@
+"""swa_accel as a library: the package installs with requirements.txt's pins, and the own-loop example works."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers.launch import ROOT, launch
+
+
+def requirement_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line.strip())
+        if match:
+            pins[match.group(1).lower().replace("_", "-")] = match.group(2)
+    return pins
+
+
+def test_the_package_pins_are_requirements_txt_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = requirement_pins()
+    for dependency in project["dependencies"]:
+        name, version = dependency.split("==")
+        assert pins[name.lower().replace("_", "-")] == version, dependency
+    assert {"torch", "accelerate", "transformers"} <= {d.split("==")[0] for d in project["dependencies"]}
+
+
+def test_the_wheel_holds_every_module_and_metric_and_imports_outside_the_repository(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "swa_accel", source / "swa_accel", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, text=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("swa_accel-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {f"swa_accel/{p.name}" for p in (ROOT / "swa_accel").glob("*.py")}
+    metrics = {str(p.relative_to(ROOT)) for p in (ROOT / "swa_accel" / "metrics").glob("*/*.py")}
+    assert modules <= names and metrics <= names and len(metrics) == 5
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "Requires-Dist: accelerate==1.15.0" in metadata and "Requires-Dist: torch==2.13.0" in metadata
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run([sys.executable, "-c", "import swa_accel; print(swa_accel.__file__); "
+                             "print(sorted(swa_accel.__all__)[:3])"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert result.stdout.splitlines()[0].startswith(str(target))
+
+
+@pytest.mark.parametrize("processes,batch", [(1, 32), (2, 16)])
+def test_the_own_loop_example_averages_its_snapshots_and_recomputes_bn(tmp_path, monkeypatch, processes, batch):
+    out = tmp_path / "own"
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # as after `pip install -e .`
+    result = launch(ROOT / "recipes" / "own_loop.py", ["--output_dir", str(out), "--epochs", "5",
+                                                         "--swa_start_epoch", "2", "--batch_size", str(batch)],
+                    num_processes=processes)
+    accuracy = float(re.search(r"swa test accuracy (\d\.\d+)", result.stdout).group(1))
+    assert accuracy > 0.85
+    snapshots = [load_file(p) for p in sorted((out / "snapshots").glob("*.safetensors"))]
+    assert len(snapshots) == 3  # the ends of epochs 3, 4 and 5 (averaging starts after epoch 2)
+    averaged = load_file(out / "swa.safetensors")
+    for name in snapshots[0]:
+        mean = torch.stack([s[name].double() for s in snapshots]).mean(0)
+        torch.testing.assert_close(averaged[name].double(), mean, atol=1e-6, rtol=0)
+    # BN statistics are recomputed for the average (they are not any snapshot's): a real pass over the data.
+    assert int(averaged["1.num_batches_tracked"]) == -(-1400 // batch)
+    assert averaged["1.running_mean"].abs().sum() > 0

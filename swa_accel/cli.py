@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional
 
 from .config import ConfigError, first_line
 from .loop import Trainer, TrainingDiverged
+
+#: Set to 1 to see the full traceback instead of the one-line error.
+TRACEBACK_VARIABLE = "SWA_ACCEL_TRACEBACK"
 
 
 def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = None) -> dict:
@@ -15,13 +19,16 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
     Any configuration or data problem found before the first training step is printed as one
     `error: <field>: <what is wrong>` line and the process exits with status 2. A run that diverges
     (non-finite loss or weights) stops with one `error: training: ...` line and status 1, having saved
-    nothing after the divergence.
+    nothing after the divergence. With SWA_ACCEL_TRACEBACK=1 the configuration errors raise with their
+    full traceback instead.
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
         task, training, swa, accelerator, config = setup(argv)
         trainer = Trainer(task, training, swa, accelerator, config, argv)
     except (ConfigError, ValueError, FileNotFoundError) as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise  # the whole traceback, for debugging
         print(f"error: {first_line(error)}", file=sys.stderr)
         sys.exit(2)
     try:

@@ -28,7 +28,7 @@ from .averaging import MainProcessPlacement, WeightAverager
 from .batches import forward_logits
 from .batchnorm import bn_order, recompute_bn, shard_loader
 from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, save_checkpoint
-from .config import ConfigError, SWAArguments, TrainingArguments
+from .config import ConfigError, SWAArguments, TrainingArguments, first_line
 from .evaluation import evaluate_model, load_metrics
 from .optim import build_optimizer
 from .outputs import MetricsLog, plot_curves, summary_table, write_resolved_config
@@ -80,6 +80,16 @@ def seeded_dataset(task: Task, seed: int, stream: int):
     return SeededView(dataset, seed, stream) if task.random_transforms else dataset
 
 
+def check_output_dir(path: Path) -> None:
+    """Refuses, before anything is built, an output_dir that cannot be a folder."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "it is a file" if existing == path else f"'{existing}' is a file"
+                raise ConfigError(f"output_dir: '{path}' cannot be a folder: {where}; choose another output_dir")
+            return
+
+
 def set_epoch(dataset, epoch: int) -> None:
     """Tells a seeded dataset which epoch it serves (a dataset without random transforms has nothing to set)."""
     if hasattr(dataset, "set_epoch"):
@@ -110,6 +120,7 @@ class Trainer:
                  config: dict, argv: list[str]) -> None:
         self.task, self.training, self.swa, self.accelerator = task, training, swa, accelerator
         self.output_dir = Path(training.output_dir)
+        check_output_dir(self.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         # Resolve the checkpoint before anything heavy, so a bad path fails fast.
         self.resume_path = resolve_resume_path(training.resume_from_checkpoint, self.checkpoint_root)
@@ -164,6 +175,15 @@ class Trainer:
         self.metrics = load_metrics(list(task.metric_names), accelerator.main_process_first)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl")
 
+        if self.resume_path is not None:
+            # Before anything is written: a checkpoint that does not fit must leave the run's files as they are.
+            try:
+                accelerator.load_state(str(self.resume_path))
+            except Exception as error:  # noqa: BLE001 - torch, safetensors and pickle each raise their own types
+                raise ConfigError(f"resume_from_checkpoint: cannot restore '{self.resume_path}' into this run "
+                                  f"({first_line(error)}); it holds another model or optimizer, or a damaged "
+                                  "file") from error
+            logger.info(f"resumed from {self.resume_path} at optimizer step {self.state.global_step}")
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             launch = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
@@ -173,8 +193,6 @@ class Trainer:
             write_resolved_config(self.output_dir, config, argv, launch)
         accelerator.wait_for_everyone()
         if self.resume_path is not None:
-            accelerator.load_state(str(self.resume_path))
-            logger.info(f"resumed from {self.resume_path} at optimizer step {self.state.global_step}")
             if accelerator.is_main_process:
                 self.log.truncate_after(self.state.global_step)
         elif accelerator.is_main_process and self.log.path.exists():

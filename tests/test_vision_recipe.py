@@ -184,3 +184,41 @@ def test_unknown_keys_in_yaml_and_on_the_command_line(cifar_dir, tmp_path):
     assert code == 2 and "swa_learnig_rate" in last, last
     code, last = run_bad(["--config", str(tmp_path / "missing.yaml")])
     assert code == 2 and last.startswith("error: config:"), last
+
+
+def test_a_checkpoint_of_another_model_or_a_damaged_one_is_one_line_and_changes_nothing(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    launch(SCRIPT, common(cifar_dir, out, "--per_device_train_batch_size", "16", "--stop_after_step", "3"))
+    checkpoint = out / "checkpoints" / "step_00000003"
+    config_before = (out / "config.yaml").read_text()
+    # The same run resumed with a wider model: the saved weights do not fit.
+    code, last = run_bad(common(cifar_dir, out, "--per_device_train_batch_size", "16", "--model_name", "small_cnn",
+                                "--resume_from_checkpoint", "latest"))
+    assert code == 2 and last.startswith(f"error: resume_from_checkpoint: cannot restore '{checkpoint}' into this "
+                                         "run ("), last
+    assert last.endswith("it holds another model or optimizer, or a damaged file"), last
+    assert (out / "config.yaml").read_text() == config_before  # nothing of the run was rewritten
+    # A damaged weights file.
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, last = run_bad(common(cifar_dir, out, "--per_device_train_batch_size", "16",
+                                "--resume_from_checkpoint", "latest"))
+    assert code == 2 and last.startswith("error: resume_from_checkpoint: cannot restore"), last
+    assert checkpoint.is_dir()
+
+
+def test_an_output_dir_that_cannot_be_a_folder_is_one_line(cifar_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for out, where in ((blocker, "it is a file"), (blocker / "run", f"'{blocker}' is a file")):
+        code, last = run_bad(common(cifar_dir, out))
+        assert code == 2 and last == f"error: output_dir: '{out}' cannot be a folder: {where}; choose another " \
+                                     "output_dir", last
+    assert blocker.read_text() == "not a folder"
+
+
+def test_the_traceback_variable_shows_the_whole_error(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWA_ACCEL_TRACEBACK", "1")
+    result = run_python(SCRIPT, common(cifar_dir, tmp_path / "out", "--swa_lr", "0"))
+    assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr
+    assert "ConfigError: swa_lr: must be > 0" in result.stderr

@@ -48,13 +48,13 @@ recipe_script() {
 data = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
 print(data.get("recipe", "") if isinstance(data, dict) else "")' "$config" 2>/dev/null)" || true
   if [[ -n "$name" ]]; then
-    [[ -f "$ROOT/recipes/$name/train.py" ]] || { echo "error: recipe: '$config' names recipe '$name'; the recipes are: $(cd "$ROOT/recipes" && ls -d */ | tr -d / | grep -v __ | paste -sd ' ')" >&2; exit 2; }
+    [[ -f "$ROOT/recipes/$name/train.py" ]] || { echo "error: recipe: '$config' names recipe '$name'; the recipes are: $(cd "$ROOT/recipes" && ls -d */ | tr -d / | grep -v __ | paste -sd ' ')" >&2; exit 1; }
     echo "$ROOT/recipes/$name/train.py"
   elif [[ -f "$(dirname "$(dirname "$config")")/train.py" ]]; then
     echo "$(dirname "$(dirname "$config")")/train.py"
   else
     echo "error: recipe: cannot tell which recipe '$config' is for; add a line 'recipe: vision' or 'recipe: text' to it" >&2
-    exit 2
+    exit 1
   fi
 }
 
@@ -74,15 +74,15 @@ if [[ "${1:-}" == "--accelerate_config" ]]; then
   shift 2
 fi
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$(default_accelerate_config)}"
-[[ -f "$ACCELERATE_CONFIG" ]] || { echo "error: accelerate_config: '$ACCELERATE_CONFIG' does not exist" >&2; exit 2; }
+[[ -f "$ACCELERATE_CONFIG" ]] || { echo "error: accelerate_config: '$ACCELERATE_CONFIG' does not exist" >&2; exit 1; }
 
 RECIPE="$DEFAULT_RECIPE"
 if [[ $# -gt 0 && "$1" != --* ]]; then
   RECIPE="$(absolute "$1")"
   shift
 fi
-[[ -f "$RECIPE" ]] || { echo "error: config: '$RECIPE' does not exist" >&2; exit 2; }
-SCRIPT="$(recipe_script "$RECIPE")" || exit 2
+[[ -f "$RECIPE" ]] || { echo "error: config: '$RECIPE' does not exist" >&2; exit 1; }
+SCRIPT="$(recipe_script "$RECIPE")" || exit 1
 
 LAUNCH_ARGS=(--quiet --config_file "$ACCELERATE_CONFIG")
 # On a CPU config accelerate picks the thread count itself and warns about it on every run; pick the same

@@ -17,7 +17,8 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
     """Runs `setup(argv)` -> (task, training, swa, accelerator, config), then the training loop.
 
     Any configuration or data problem found before the first training step is printed as one
-    `error: <field>: <what is wrong>` line and the process exits with status 2. A run that diverges
+    `error: <field>: <what is wrong>` line and the process exits with status 1, the status `accelerate
+    launch` (and so run.sh) gives any failed run, so that both ways agree. A run that diverges
     (non-finite loss or weights) stops with one `error: training: ...` line and status 1, having saved
     nothing after the divergence. With SWA_ACCEL_TRACEBACK=1 the configuration errors raise with their
     full traceback instead.
@@ -30,7 +31,7 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
         if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise  # the whole traceback, for debugging
         print(f"error: {first_line(error)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     try:
         return trainer.run()
     except TrainingDiverged as error:

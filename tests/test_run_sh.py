@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import yaml
 
@@ -35,10 +36,20 @@ def test_a_config_that_does_not_say_its_recipe_is_refused_in_one_line(tmp_path):
     values["recipe"] = "audio"
     (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(values))
     result = run_sh(["anonymous.yaml"], cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip() == (f"error: recipe: cannot tell which recipe '{tmp_path}/anonymous.yaml' is for; "
                                      "add a line 'recipe: vision' or 'recipe: text' to it")
     result = run_sh(["unknown.yaml"], cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip() == (f"error: recipe: '{tmp_path}/unknown.yaml' names recipe 'audio'; "
                                      "the recipes are: text vision")
+
+
+def test_a_bad_value_through_run_sh_is_the_same_line_and_status_as_a_direct_run(tmp_path):
+    through_run_sh = run_sh([str(SMOKE), "--swa_lr", "0", "--output_dir", str(tmp_path / "a")], cwd=tmp_path)
+    direct = subprocess.run([sys.executable, str(ROOT / "recipes" / "vision" / "train.py"), "--config", str(SMOKE),
+                             "--swa_lr", "0", "--output_dir", str(tmp_path / "b")], capture_output=True, text=True,
+                            timeout=300)
+    assert through_run_sh.returncode == direct.returncode == 1
+    assert through_run_sh.stderr.strip().splitlines()[-1] == direct.stderr.strip().splitlines()[-1] == \
+        "error: swa_lr: must be > 0, got 0.0"

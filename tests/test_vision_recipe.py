@@ -156,7 +156,7 @@ def run_bad(args):
 def test_bad_config_is_one_line_naming_the_field_before_training(cifar_dir, tmp_path, extra, field):
     out = tmp_path / "bad"
     code, last = run_bad(common(cifar_dir, out) + extra)
-    assert code == 2
+    assert code == 1
     assert last.startswith("error: ") and field in last, last
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
@@ -165,7 +165,7 @@ def test_a_fresh_run_never_overwrites_a_previous_one_unless_asked(cifar_dir, tmp
     out = tmp_path / "taken"
     (out / "checkpoints" / "step_00000099").mkdir(parents=True)
     code, last = run_bad(common(cifar_dir, out, "--max_train_steps", "10"))
-    assert code == 2 and last.startswith("error: output_dir:") and "--overwrite_output_dir" in last, last
+    assert code == 1 and last.startswith("error: output_dir:") and "--overwrite_output_dir" in last, last
     assert (out / "checkpoints" / "step_00000099").is_dir()
     result = run_python(SCRIPT, common(cifar_dir, out, "--max_train_steps", "10",
                                        "--checkpointing_steps", "None", "--overwrite_output_dir", "true"))
@@ -179,11 +179,11 @@ def test_unknown_keys_in_yaml_and_on_the_command_line(cifar_dir, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(yaml.safe_dump(config))
     code, last = run_bad(["--config", str(bad_yaml)])
-    assert code == 2 and last.startswith("error: swa_learning_rate: unknown key"), last
+    assert code == 1 and last.startswith("error: swa_learning_rate: unknown key"), last
     code, last = run_bad(["--config", str(SMOKE), "--swa_learnig_rate", "0.1"])
-    assert code == 2 and "swa_learnig_rate" in last, last
+    assert code == 1 and "swa_learnig_rate" in last, last
     code, last = run_bad(["--config", str(tmp_path / "missing.yaml")])
-    assert code == 2 and last.startswith("error: config:"), last
+    assert code == 1 and last.startswith("error: config:"), last
 
 
 def test_a_checkpoint_of_another_model_or_a_damaged_one_is_one_line_and_changes_nothing(cifar_dir, tmp_path):
@@ -194,7 +194,7 @@ def test_a_checkpoint_of_another_model_or_a_damaged_one_is_one_line_and_changes_
     # The same run resumed with a wider model: the saved weights do not fit.
     code, last = run_bad(common(cifar_dir, out, "--per_device_train_batch_size", "16", "--model_name", "small_cnn",
                                 "--resume_from_checkpoint", "latest"))
-    assert code == 2 and last.startswith(f"error: resume_from_checkpoint: cannot restore '{checkpoint}' into this "
+    assert code == 1 and last.startswith(f"error: resume_from_checkpoint: cannot restore '{checkpoint}' into this "
                                          "run ("), last
     assert last.endswith("it holds another model or optimizer, or a damaged file"), last
     assert (out / "config.yaml").read_text() == config_before  # nothing of the run was rewritten
@@ -203,7 +203,7 @@ def test_a_checkpoint_of_another_model_or_a_damaged_one_is_one_line_and_changes_
     weights.write_bytes(weights.read_bytes()[:100])
     code, last = run_bad(common(cifar_dir, out, "--per_device_train_batch_size", "16",
                                 "--resume_from_checkpoint", "latest"))
-    assert code == 2 and last.startswith("error: resume_from_checkpoint: cannot restore"), last
+    assert code == 1 and last.startswith("error: resume_from_checkpoint: cannot restore"), last
     assert checkpoint.is_dir()
 
 
@@ -212,7 +212,7 @@ def test_an_output_dir_that_cannot_be_a_folder_is_one_line(cifar_dir, tmp_path):
     blocker.write_text("not a folder")
     for out, where in ((blocker, "it is a file"), (blocker / "run", f"'{blocker}' is a file")):
         code, last = run_bad(common(cifar_dir, out))
-        assert code == 2 and last == f"error: output_dir: '{out}' cannot be a folder: {where}; choose another " \
+        assert code == 1 and last == f"error: output_dir: '{out}' cannot be a folder: {where}; choose another " \
                                      "output_dir", last
     assert blocker.read_text() == "not a folder"
 

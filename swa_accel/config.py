@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +173,9 @@ class _OneLineArgumentParser(HfArgumentParser):
     """HfArgumentParser whose errors raise ConfigError instead of printing usage and exiting."""
 
     def error(self, message: str) -> None:  # argparse calls this for unknown or malformed flags
-        raise ConfigError(message)
+        # "argument --num_train_epochs/--num-train-epochs: invalid int value: 'abc'" -> "num_train_epochs: ..."
+        named = re.match(r"^argument --([A-Za-z0-9_]+)(?:/--[A-Za-z0-9_-]+)?: (.*)$", message)
+        raise ConfigError(f"{named.group(1)}: {named.group(2)}" if named else message)
 
 
 #: The YAML key that names the recipe a config belongs to, so that run.sh finds the script wherever the file is.

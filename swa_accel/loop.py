@@ -87,7 +87,12 @@ def check_output_dir(path: Path) -> None:
             if not existing.is_dir():
                 where = "it is a file" if existing == path else f"'{existing}' is a file"
                 raise ConfigError(f"output_dir: '{path}' cannot be a folder: {where}; choose another output_dir")
-            return
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only or virtual file system, no permission
+        raise ConfigError(f"output_dir: cannot create '{path}': {error.strerror}; choose another output_dir") \
+            from None
 
 
 def set_epoch(dataset, epoch: int) -> None:

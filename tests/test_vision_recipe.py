@@ -222,3 +222,13 @@ def test_the_traceback_variable_shows_the_whole_error(cifar_dir, tmp_path, monke
     result = run_python(SCRIPT, common(cifar_dir, tmp_path / "out", "--swa_lr", "0"))
     assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr
     assert "ConfigError: swa_lr: must be > 0" in result.stderr
+
+
+@pytest.mark.parametrize("extra,start", [
+    (["--dataset_name", "/nonexistent/data"], "error: dataset_name: cannot load '/nonexistent/data': "),
+    (["--num_train_epochs", "abc"], "error: num_train_epochs: invalid int value: 'abc'"),
+    (["--output_dir", "/proc/swa_accel_cannot_be_here"], "error: output_dir: cannot create "),
+])
+def test_more_bad_input_found_by_trying_to_break_it(cifar_dir, tmp_path, extra, start):
+    code, last = run_bad(common(cifar_dir, tmp_path / "out") + extra)
+    assert code == 1 and last.startswith(start), last

@@ -347,7 +347,11 @@ def load_vision_data(args: VisionDataArguments) -> VisionData:
     if is_digits:
         raw = load_digits_dataset()
     else:
-        raw = datasets.load_dataset(args.dataset_name)
+        try:
+            raw = datasets.load_dataset(args.dataset_name)
+        except (OSError, ValueError) as error:  # FileNotFoundError, DatasetNotFoundError, offline ConnectionError
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"dataset_name: cannot load {args.dataset_name!r}: {message}") from error
         if not isinstance(raw, datasets.DatasetDict):
             raise ValueError(f"dataset_name: {args.dataset_name!r} did not load as a dataset with named splits")
 

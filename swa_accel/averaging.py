@@ -68,6 +68,19 @@ class MainProcessPlacement:
                     torch.distributed.broadcast(target.data, src=0)
 
 
+def check_placement(distributed_type: str, zero_stage: Optional[int] = None) -> None:
+    """Refuses launches whose ranks hold only shards of the weights: `main` averages a full replica.
+
+    Under FSDP or DeepSpeed ZeRO-3 rank 0's parameters are its shard, so its "average" would be an
+    average of a shard; no half-working path, a one-line error instead.
+    """
+    if distributed_type == "FSDP" or (distributed_type == "DEEPSPEED" and zero_stage == 3):
+        sharding = "FSDP" if distributed_type == "FSDP" else "DeepSpeed ZeRO-3"
+        raise ValueError(f"swa_placement: {sharding} shards the weights across ranks, which the supported placement, "
+                         "'main' (a full fp32 copy on the main process: one device, DDP, ZeRO-1/2), cannot average; "
+                         "use DDP or ZeRO-2, or --swa_method none")
+
+
 def _broadcast_object(obj):
     holder = [obj]
     torch.distributed.broadcast_object_list(holder, src=0)

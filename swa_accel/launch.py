@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedType,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     is_mps_available,
@@ -49,6 +50,24 @@ def cache_accelerate_package_probes() -> None:
     accelerate.accelerator.is_lomo_available = cached
 
 
+#: What an accelerate config can ask for through `accelerate launch`, and the distributed type it should give.
+ASKED_BY_LAUNCHER = (("FSDP", "ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                     ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED))
+
+
+def refuse_silent_downgrade(distributed_type: DistributedType, environ=os.environ) -> None:
+    """Stops a run whose accelerate config asked for FSDP or DeepSpeed but which accelerate set up otherwise.
+
+    Without GPUs accelerate 1.15 ignores both and trains as DDP without a word; a user who asked for sharding
+    must not get a different run.
+    """
+    for name, variable, expected in ASKED_BY_LAUNCHER:
+        if environ.get(variable, "false").lower() in ("1", "true", "yes") and distributed_type != expected:
+            raise ConfigError(
+                f"launch: the accelerate config asks for {name} (distributed_type: {expected.value}), but accelerate "
+                f"set up {distributed_type.value} here (it needs GPUs); use a config without {name} on this machine")
+
+
 def make_accelerator(training: TrainingArguments) -> Accelerator:
     """An Accelerator for the run: gradient accumulation, seedable shuffling, trackers, CPU fallback.
 
@@ -76,6 +95,7 @@ def make_accelerator(training: TrainingArguments) -> Accelerator:
         ),
         log_with=report_to,
     )
+    refuse_silent_downgrade(accelerator.distributed_type)
     expected = launched_world_size()
     if expected != accelerator.num_processes:
         raise ConfigError(

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .averaging import MainProcessPlacement, WeightAverager
+from .averaging import MainProcessPlacement, WeightAverager, check_placement
 from .batches import forward_logits
 from .batchnorm import bn_order, recompute_bn, shard_loader
 from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, save_checkpoint
@@ -166,6 +166,8 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, self.plan, training, swa)
         self.averager: Optional[WeightAverager] = None
         if swa.enabled:
+            plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+            check_placement(accelerator.distributed_type.value, getattr(plugin, "zero_stage", None))
             placement = MainProcessPlacement(accelerator.device, offload_to_cpu=swa.swa_offload_to_cpu)
             self.averager = WeightAverager(self.model, swa.swa_method, placement, accelerator.process_index,
                                            swa.ema_decay, swa.ema_warmup, swa.ema_buffers)

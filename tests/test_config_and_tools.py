@@ -99,3 +99,28 @@ def test_the_last_occurrence_of_a_flag_wins_also_for_none():
     assert swa.swa_start_step == 7 and swa.swa_lr == 0.1
     training, _ = parse_config(args, ["--checkpointing_steps", "3", "--checkpointing_steps=None"])
     assert training.checkpointing_steps is None
+
+
+def test_an_fsdp_or_deepspeed_request_that_accelerate_dropped_is_refused():
+    from accelerate.utils import DistributedType
+
+    from swa_accel.launch import refuse_silent_downgrade
+
+    with pytest.raises(ConfigError, match=r"^launch: the accelerate config asks for FSDP \(distributed_type: FSDP\), "
+                                          r"but accelerate set up MULTI_CPU here"):
+        refuse_silent_downgrade(DistributedType.MULTI_CPU, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ConfigError, match=r"^launch: the accelerate config asks for DeepSpeed"):
+        refuse_silent_downgrade(DistributedType.NO, {"ACCELERATE_USE_DEEPSPEED": "true"})
+    refuse_silent_downgrade(DistributedType.FSDP, {"ACCELERATE_USE_FSDP": "true"})  # got what it asked for
+    refuse_silent_downgrade(DistributedType.MULTI_CPU, {"ACCELERATE_USE_FSDP": "false"})
+
+
+def test_sharded_launches_are_refused_by_the_main_placement():
+    from swa_accel.averaging import check_placement
+
+    for distributed_type, stage in (("FSDP", None), ("DEEPSPEED", 3)):
+        with pytest.raises(ValueError, match=r"^swa_placement: .* shards the weights across ranks, which the "
+                                             r"supported placement, 'main'"):
+            check_placement(distributed_type, stage)
+    for distributed_type, stage in (("NO", None), ("MULTI_GPU", None), ("MULTI_CPU", None), ("DEEPSPEED", 2)):
+        check_placement(distributed_type, stage)

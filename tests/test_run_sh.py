@@ -53,3 +53,20 @@ def test_a_bad_value_through_run_sh_is_the_same_line_and_status_as_a_direct_run(
     assert through_run_sh.returncode == direct.returncode == 1
     assert through_run_sh.stderr.strip().splitlines()[-1] == direct.stderr.strip().splitlines()[-1] == \
         "error: swa_lr: must be > 0, got 0.0"
+
+
+def test_an_fsdp_accelerate_config_on_a_machine_without_gpus_stops_in_one_line(tmp_path):
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1, "num_processes": 1,
+        "machine_rank": 0, "mixed_precision": "no", "use_cpu": False,
+        "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "NO_WRAP"}}))
+    result = run_sh(["--accelerate_config", str(config), str(SMOKE), "--output_dir", str(tmp_path / "out")],
+                    cwd=tmp_path)
+    assert result.returncode == 1
+    # An FSDP config goes through torchrun, which adds its own failure report after the script's line.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: launch: the accelerate config asks for FSDP (distributed_type: FSDP), but "
+                                "accelerate set up "), errors[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

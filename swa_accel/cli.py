@@ -30,7 +30,8 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
     except (ConfigError, ValueError, FileNotFoundError) as error:
         if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise  # the whole traceback, for debugging
-        print(f"error: {first_line(error)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line is enough
+            print(f"error: {first_line(error)}", file=sys.stderr)
         sys.exit(1)
     try:
         return trainer.run()

@@ -70,3 +70,14 @@ def test_an_fsdp_accelerate_config_on_a_machine_without_gpus_stops_in_one_line(t
     assert errors[0].startswith("error: launch: the accelerate config asks for FSDP (distributed_type: FSDP), but "
                                 "accelerate set up "), errors[0]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_two_process_launch_prints_the_error_once(tmp_path):
+    from tests.helpers.launch import launch
+
+    result = launch(ROOT / "recipes" / "vision" / "train.py", ["--config", str(SMOKE), "--swa_lr", "0",
+                                                                  "--output_dir", str(tmp_path / "out")],
+                    num_processes=2, check=False)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: swa_lr: must be > 0, got 0.0"]

@@ -97,6 +97,10 @@ def main() -> None:
     if accelerator.is_main_process:
         save_file({k: v.cpu() for k, v in swa_model.state_dict().items()}, str(output / "swa.safetensors"))
         print(f"swa test accuracy {correct / total:.4f} over {total} images; {averager.n_averaged} snapshots averaged")
+    # Every rank leaves together and the process group is torn down before exit (a gloo rank that exits while
+    # the group lives can abort at interpreter shutdown).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def main():
     if accelerator.is_main_process:
         report_path.write_text(json.dumps(report))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # tears the gloo group down before exit
 
 
 if __name__ == "__main__":

@@ -104,8 +104,8 @@ def run_bare(config: str, overrides: list[str], steps: int, warmup: int, compile
     batches = []
     for i in range(count):
         rows = list(range(i * batch_size, (i + 1) * batch_size))
-        batch = dataset.__getitems__(rows) if hasattr(dataset, "__getitems__") and isinstance(
-            dataset, ImageTensorDataset) else task.collate_fn([dataset[r] for r in rows])
+        batch = dataset.__getitems__(rows) if isinstance(dataset, ImageTensorDataset) else \
+            task.collate_fn([dataset[r] for r in rows])
         batches.append({k: v.to(device) for k, v in batch.items()})
     input_dtype = None if training.model_dtype == "float32" else DTYPES[training.model_dtype]
     model.train()

@@ -191,8 +191,7 @@ class Trainer:
                                   f"({first_line(error)}); it holds another model or optimizer, or a damaged "
                                   "file") from error
             logger.info(f"resumed from {self.resume_path} at optimizer step {self.state.global_step}")
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:  # (check_output_dir created the folder)
             launch = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
                       "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
                       "dynamo_backend": str(accelerator.state.dynamo_plugin.backend.value).lower(),

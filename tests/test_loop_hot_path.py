@@ -8,6 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 from swa_accel.outputs import read_metrics
+from tests.helpers.final_weights import assert_same_final_weights
 from tests.helpers.launch import ROOT, launch, run_python
 
 SCRIPT = ROOT / "recipes" / "vision" / "train.py"
@@ -69,12 +70,7 @@ def test_a_compiled_model_trains_averages_exports_and_resumes(tmp_path):
 
     launch(SCRIPT, args(resumed, "--stop_after_step", "13"), launcher_args=compile_flags)
     launch(SCRIPT, args(resumed, "--resume_from_checkpoint", "latest"), launcher_args=compile_flags)
-    for which in ("base", "swa"):
-        a = load_file(straight / "final" / which / "model.safetensors")
-        b = load_file(resumed / "final" / which / "model.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{which}/{key}"
+    assert_same_final_weights(straight, resumed)
 
 
 def test_the_compile_config_asks_accelerate_for_inductor():

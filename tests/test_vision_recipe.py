@@ -12,6 +12,7 @@ from recipes.vision.models import PreResNet
 from swa_accel.evaluation import compute_metrics, load_metrics, predict
 from swa_accel.image_tensors import identity_collate
 from swa_accel.outputs import read_metrics
+from tests.helpers.final_weights import assert_same_final_weights
 from tests.helpers.launch import ROOT, launch, run_python
 from tests.helpers.tiny_datasets import make_cifar_like
 
@@ -127,12 +128,7 @@ def test_resume_after_a_checkpoint_gives_bit_identical_final_weights(runs, cifar
     assert not (out / "final").exists()
     assert (out / "checkpoints" / "step_00000011").is_dir()
     launch(SCRIPT, args + ["--resume_from_checkpoint", "latest"])
-    for which in ("base", "swa"):
-        a = load_file(straight / "final" / which / "model.safetensors")
-        b = load_file(out / "final" / which / "model.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{which}/{key}"
+    assert_same_final_weights(straight, out)
     assert read_metrics(out / "metrics.jsonl") == read_metrics(straight / "metrics.jsonl")
 
 

@@ -53,6 +53,10 @@ class MainProcessPlacement:
     def holds_copy(self, process_index: int) -> bool:
         return process_index == 0
 
+    def local_tensors(self, model: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
+        """The tensors this rank averages, by wrapper-free name: here the whole replica."""
+        return named_tensors(model, buffers)
+
     def fill_module(self, averaged: Optional[dict[str, torch.Tensor]], module: nn.Module, num_processes: int) -> None:
         """Writes the averaged tensors into `module` on every rank (main's copy, broadcast to the others)."""
         targets = named_tensors(module, buffers=True)
@@ -126,7 +130,7 @@ class WeightAverager:
         self.n_averaged = 0
         self.averaged: Optional[dict[str, torch.Tensor]] = None
         if placement.holds_copy(process_index):
-            source = named_tensors(model, buffers=self.average_buffers)
+            source = placement.local_tensors(model, buffers=self.average_buffers)
             self.averaged = {
                 name: torch.zeros(t.shape, dtype=torch.float32, device=placement.device) for name, t in source.items()
             }
@@ -138,7 +142,7 @@ class WeightAverager:
 
     def _bind(self, model: nn.Module) -> None:
         """Pairs the model's tensors with the averaged ones by name, once per model object."""
-        source = named_tensors(model, buffers=self.average_buffers)
+        source = self.placement.local_tensors(model, buffers=self.average_buffers)
         missing = sorted(set(self.averaged) - set(source))
         extra = sorted(set(source) - set(self.averaged))
         if missing or extra:

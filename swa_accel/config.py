@@ -128,6 +128,17 @@ class SWAArguments:
     ema_decay: float = _help("EMA decay per averaging update.", default=0.999)
     ema_warmup: bool = _help("Use min(ema_decay, (1 + n) / (10 + n)) so early EMA is not stuck at init.", default=False)
     ema_buffers: str = _help("EMA buffers: average or copy.", default="average")
+    swa_start_candidates: Optional[str] = _help(
+        "One run, many averages: later starts whose averages are kept beside the main one and chosen from at the "
+        "end on the validation split. 'every_epoch' (each epoch from the SWA start), epochs ('12,16,20') or "
+        "fractions of the budget ('0.5,0.75'); the SWA start itself is always the first candidate. "
+        "One averaged copy per candidate, no extra work per update.", default=None)
+    ema_decays: Optional[str] = _help(
+        "Side EMAs of the same averaging updates, as more candidates ('0.9,0.99'; decay per update), "
+        "one fp32 copy each.", default=None)
+    selection_metric: str = _help(
+        "Validation metric that picks the exported candidate: nll or ece (lower is better), accuracy or f1 "
+        "(higher is better).", default="nll")
     swa_placement: str = _help("main: only the main process keeps the averaged copy.", default="main")
     swa_offload_to_cpu: bool = _help("Keep the averaged copy in CPU memory.", default=False)
     bn_recompute_max_samples: Optional[int] = _help(
@@ -159,6 +170,18 @@ class SWAArguments:
             raise ConfigError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
         if self.ema_buffers not in ("average", "copy"):
             raise ConfigError(f"ema_buffers: must be average or copy, got {self.ema_buffers!r}")
+        self.swa_start_candidates = _comma_list(self.swa_start_candidates)
+        self.ema_decays = _comma_list(self.ema_decays)
+        self.candidate_starts()  # validates
+        for decay in self.ema_decay_values():
+            if not 0.0 < decay < 1.0:
+                raise ConfigError(f"ema_decays: each decay must be in (0, 1), got {decay}")
+        if (self.swa_start_candidates or self.ema_decays) and self.swa_method != "swa":
+            raise ConfigError(f"swa_start_candidates: candidates are averages of an SWA run; swa_method is "
+                              f"{self.swa_method!r}")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ConfigError(f"selection_metric: must be one of {', '.join(SELECTION_METRICS)}, "
+                              f"got {self.selection_metric!r}")
         if self.swa_placement not in ("main",):
             raise ConfigError(f"swa_placement: only 'main' is available, got {self.swa_placement!r}")
         if self.bn_recompute_max_samples is not None and self.bn_recompute_max_samples < 1:
@@ -167,6 +190,48 @@ class SWAArguments:
     @property
     def enabled(self) -> bool:
         return self.swa_method != "none"
+
+    def candidate_starts(self) -> tuple[str, tuple[float, ...]]:
+        """('none' | 'every_epoch' | 'epochs' | 'fractions', values) from `swa_start_candidates`."""
+        text = self.swa_start_candidates
+        if text is None:
+            return "none", ()
+        if text == "every_epoch":
+            return "every_epoch", ()
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise ConfigError(f"swa_start_candidates: must be every_epoch or a list of epochs or fractions, "
+                              f"got {text!r}") from None
+        if all(v.is_integer() and v >= 0 and "." not in t for v, t in zip(values, text.split(","))):
+            return "epochs", values
+        if all(0.0 < v < 1.0 for v in values):
+            return "fractions", values
+        raise ConfigError(f"swa_start_candidates: list whole epochs (>= 0) or fractions in (0, 1), not a mix; "
+                          f"got {text!r}")
+
+    def ema_decay_values(self) -> tuple[float, ...]:
+        if self.ema_decays is None:
+            return ()
+        try:
+            return tuple(float(v) for v in self.ema_decays.split(","))
+        except ValueError:
+            raise ConfigError(f"ema_decays: must be a list of decays such as 0.9,0.99, got {self.ema_decays!r}") \
+                from None
+
+
+#: Metrics `selection_metric` may name, and whether higher is better.
+SELECTION_METRICS = {"nll": False, "ece": False, "accuracy": True, "f1": True}
+
+
+def _comma_list(value: Any) -> Optional[str]:
+    """A YAML list or a comma-separated string, as one normalised comma string (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    text = ",".join(part.strip() for part in str(value).split(",") if part.strip())
+    return text or None
 
 
 class _OneLineArgumentParser(HfArgumentParser):

@@ -31,8 +31,10 @@ from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, sa
 from .config import ConfigError, SWAArguments, TrainingArguments, first_line
 from .evaluation import evaluate_model, load_metrics
 from .optim import build_optimizer
-from .outputs import MetricsLog, plot_curves, summary_table, write_resolved_config
+from .outputs import (MetricsLog, candidates_table, plot_curves, summary_table, write_candidates,
+                      write_resolved_config)
 from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
+from .selection import choose_candidate
 from .image_tensors import ImageTensorDataset
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
 
@@ -55,6 +57,8 @@ class Task:
         collate_fn: batches samples; None uses torch's default collate.
         metric_names: evaluate modules to report (local ones ship in swa_accel/metrics).
         primary_metric: the metric plotted in curves.png.
+        validation_split: the eval split that model selection reads (the choice among SWA candidates);
+            never a split that results are reported on. None: the data has none.
         drop_last: drop the last incomplete training batch (static shapes, e.g. under XLA).
         random_transforms: the training dataset draws from the torch RNG per sample (random
             augmentation); the loop then seeds each sample from (seed, epoch, index) with
@@ -68,6 +72,7 @@ class Task:
     collate_fn: Optional[Callable] = None
     metric_names: tuple[str, ...] = ("accuracy", "nll", "ece")
     primary_metric: str = "accuracy"
+    validation_split: Optional[str] = None
     drop_last: bool = False
     random_transforms: bool = True
 
@@ -169,9 +174,13 @@ class Trainer:
             plugin = getattr(accelerator.state, "deepspeed_plugin", None)
             check_placement(accelerator.distributed_type.value, getattr(plugin, "zero_stage", None))
             placement = MainProcessPlacement(accelerator.device, offload_to_cpu=swa.swa_offload_to_cpu)
+            self.check_selection()
             self.averager = WeightAverager(self.model, swa.swa_method, placement, accelerator.process_index,
-                                           swa.ema_decay, swa.ema_warmup, swa.ema_buffers)
+                                           swa.ema_decay, swa.ema_warmup, swa.ema_buffers, swa.ema_decay_values())
         self.state = TrainState()
+        self.candidates: dict[str, dict] = {}  # filled by the final choice among averages
+        self.chosen: Optional[str] = None
+        self.reason = ""
         # The training loss stays on the device between logging steps, so no step waits for it.
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.loss_count = 0
@@ -206,6 +215,17 @@ class Trainer:
         if training.report_to != "none":
             accelerator.init_trackers("swa_accel", config=_tracker_config(config))
 
+    def check_selection(self) -> None:
+        """Candidates need a validation split to be chosen on, and a metric the task computes."""
+        count = len(self.plan.candidates) + len(self.swa.ema_decay_values())
+        if count > 1 and self.task.validation_split is None:
+            raise ConfigError("swa_start_candidates: choosing among candidates needs a validation split; "
+                              "vision: set validation_fraction (or validation_split), text: an eval_split "
+                              "named validation")
+        if count > 1 and self.swa.selection_metric not in self.task.metric_names:
+            raise ConfigError(f"selection_metric: this recipe computes {', '.join(self.task.metric_names)}, "
+                              f"not {self.swa.selection_metric!r}")
+
     # ----- data ---------------------------------------------------------------------------
 
     def place_tensor_datasets(self) -> None:
@@ -231,8 +251,9 @@ class Trainer:
 
     # ----- the averaged model -------------------------------------------------------------
 
-    def averaged_model(self, full_bn_pass: bool = False) -> Optional[nn.Module]:
-        """The averaged weights as an fp32 module on every rank, BN statistics recomputed; None before averaging.
+    def averaged_model(self, full_bn_pass: bool = False, candidate: Optional[str] = None) -> Optional[nn.Module]:
+        """The averaged weights (or a candidate's) as an fp32 module on every rank, BN statistics recomputed;
+        None before averaging.
 
         Intermediate uses recompute BN over `bn_recompute_max_samples` random training samples;
         `full_bn_pass` (the final export) reads the whole training set.
@@ -241,7 +262,7 @@ class Trainer:
             return None
         acc = self.accelerator
         module = self.averager.materialize(self.task.build_model, acc.unwrap_model(self.model), acc.device,
-                                           acc.num_processes)
+                                           acc.num_processes, candidate)
         if self.swa.swa_method == "swa":
             step = self.state.global_step
             set_epoch(self.bn_view, step)
@@ -277,23 +298,71 @@ class Trainer:
         with self.timed("evaluation"):
             for split, loader in self.eval_loaders.items():
                 results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
-        swa_module = self.averaged_model(full_bn_pass=final)
-        if swa_module is not None:
-            with self.timed("evaluation"):
-                results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics)
-                                  for split, loader in self.eval_loaders.items()}
+        if final:
+            swa_module = self.choose_candidate()
+            if swa_module is not None:
+                results["swa"] = self.candidates[self.chosen]["metrics"]
+        else:
+            swa_module = self.averaged_model()
+            if swa_module is not None:
+                with self.timed("evaluation"):
+                    results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics)
+                                      for split, loader in self.eval_loaders.items()}
         step, epoch = self.state.global_step, self.state.epoch
         if acc.is_main_process:
-            for model_name, by_split in results.items():
+            scored = [(model_name, by_split, {}) for model_name, by_split in results.items()]
+            if final:
+                scored += [("candidate", c["metrics"], {"candidate": name}) for name, c in self.candidates.items()]
+            for model_name, by_split, extra in scored:
                 for split, values in by_split.items():
                     record = {"step": step, "epoch": epoch, "model": model_name, "split": split, **values,
-                              "lr": self.current_lr(), "n_averaged": self.averager.n_averaged if self.averager else 0}
+                              "lr": self.current_lr(), "n_averaged": self.averager.n_averaged if self.averager else 0,
+                              **extra}
                     if final:
                         record["final"] = True
                     self.log.append(record)
         acc.log({f"{m}/{s}/{k}": v for m, by in results.items() for s, vals in by.items() for k, v in vals.items()},
                 step=step)
         return results, swa_module
+
+    def choose_candidate(self) -> Optional[nn.Module]:
+        """Scores every candidate average (full BN pass each) and returns the module of the best one.
+
+        The choice reads the validation split only; the other splits are evaluated for the report. One
+        candidate module exists at a time besides the best so far. Sets `candidates` and `chosen`.
+        """
+        self.candidates: dict[str, dict] = {}
+        self.chosen: Optional[str] = None
+        if self.averager is None or self.averager.n_averaged == 0:
+            return None
+        starts = dict(self.plan.candidates)
+        best_module, validation = None, {}
+        for name in self.averager.candidate_names():
+            updates = self.averager.candidate_updates(name)
+            if updates == 0:
+                continue
+            module = self.averaged_model(full_bn_pass=True, candidate=name)
+            with self.timed("evaluation"):
+                metrics = {split: evaluate_model(module, loader, self.accelerator, self.metrics)
+                           for split, loader in self.eval_loaders.items()}
+            kind = "swa" if name in starts else "ema"
+            self.candidates[name] = {
+                "kind": kind, "start_step": starts.get(name, self.plan.swa_start_step),
+                "start_epoch": starts.get(name, self.plan.swa_start_step) / self.plan.steps_per_epoch,
+                "decay": None if kind == "swa" else float(name.split("_", 1)[1]),
+                "n_averaged": updates, "metrics": metrics}
+            split = self.task.validation_split
+            validation[name] = metrics[split] if split is not None else {}
+            if split is None:  # a single candidate: nothing to choose
+                best, self.reason = name, "the only candidate (no validation split)"
+            else:
+                best, self.reason = choose_candidate(validation, self.swa.selection_metric)
+            if best == name:
+                best_module = module
+            del module
+        self.chosen = best
+        logger.info(f"chosen average: {self.chosen}: {self.reason}", main_process_only=True)
+        return best_module
 
     def checkpoint(self, swa_module: Optional[nn.Module]) -> None:
         """Saves the training state; once averaging has begun, also the BN-recomputed averaged model."""
@@ -394,6 +463,11 @@ class Trainer:
         if epoch_end:
             self.state.epoch += 1
             self.state.batches_in_epoch = 0
+        if self.averager is not None:
+            # A candidate starting at step c averages the updates after step c: its copy is taken before them.
+            for name, start in self.plan.candidates:
+                if start < self.state.global_step and name not in self.averager.starts:
+                    self.averager.start_candidate(name)
         if stepped and self.averager is not None and (
             self.plan.update_after_step(self.state.global_step)
             or (epoch_end and self.plan.update_at_epoch_end(self.state.global_step))
@@ -465,6 +539,8 @@ class Trainer:
             self.task.save_model(acc.unwrap_model(self.model), final_dir / "base")
             if swa_module is not None:
                 self.task.save_model(swa_module, final_dir / "swa")
+                write_candidates(final_dir / "candidates.json", self.candidates, self.chosen, self.reason,
+                                 self.task.validation_split, self.swa.selection_metric)
             (final_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
             # Phase timings of this process (total = the training loop, before the final evaluation).
             (final_dir / "timings.json").write_text(json.dumps(self.timings, indent=2), encoding="utf-8")
@@ -472,9 +548,15 @@ class Trainer:
                 lrs = [lr_factor(s, self.plan, self.training, self.swa) * self.training.learning_rate
                        for s in range(self.plan.total_steps)]
                 plot_curves(self.log.read(), lrs, self.plan.swa_start_step, self.task.primary_metric,
-                            self.output_dir / "curves.png")
-            print("\nfinal evaluation (base = last iterate, swa = averaged model):")
+                            self.output_dir / "curves.png", self.candidates, self.chosen,
+                            self.task.validation_split, self.swa.selection_metric)
+            print("\nfinal evaluation (base = last iterate, swa = the chosen average):")
             print(summary_table(results))
+            if len(self.candidates) > 1:
+                print(f"\ncandidates (scored on '{self.task.validation_split}'; the other splits only report):")
+                print(candidates_table(self.candidates, self.chosen))
+            if self.chosen is not None:
+                print(f"chosen: {self.chosen}: {self.reason}")
         acc.wait_for_everyone()
         acc.end_training()
         return results

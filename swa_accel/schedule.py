@@ -27,6 +27,8 @@ class TrainingPlan:
     swa_start_step: Optional[int]  # None when averaging is off
     anneal_steps: int
     update_every_steps: Optional[int]  # None: average at each epoch end
+    # (name, start step) of every SWA candidate, the SWA start first; empty when averaging is off.
+    candidates: tuple[tuple[str, int], ...] = ()
 
     def averaging_active(self, global_step: int) -> bool:
         """Whether optimizer step number `global_step` (1-based) fell inside the averaging phase."""
@@ -74,7 +76,41 @@ def make_plan(batches_per_epoch: int, training: TrainingArguments, swa: SWAArgum
                 f"but training ends after {total_steps} steps ({num_epochs} epochs of {steps_per_epoch})"
             )
     anneal = steps_per_epoch if swa.swa_anneal_steps is None else swa.swa_anneal_steps
-    return TrainingPlan(steps_per_epoch, total_steps, num_epochs, swa_start, anneal, swa.swa_update_every_steps)
+    candidates = candidate_starts(swa, swa_start, steps_per_epoch, total_steps) if swa_start is not None else ()
+    return TrainingPlan(steps_per_epoch, total_steps, num_epochs, swa_start, anneal, swa.swa_update_every_steps,
+                        candidates)
+
+
+def candidate_name(step: int, steps_per_epoch: int) -> str:
+    if step % steps_per_epoch == 0:
+        return f"swa_from_epoch_{step // steps_per_epoch}"
+    return f"swa_from_step_{step}"
+
+
+def candidate_starts(swa: SWAArguments, swa_start: int, steps_per_epoch: int,
+                     total_steps: int) -> tuple[tuple[str, int], ...]:
+    """The SWA start and the later starts of `swa_start_candidates`, as (name, optimizer step), in order.
+
+    Raises:
+        ConfigError: a candidate starts before the SWA start (the LR leaves the pre-SWA schedule there, so an
+            earlier average would mix two phases) or at or after the end of training.
+    """
+    kind, values = swa.candidate_starts()
+    if kind == "every_epoch":
+        steps = list(range(steps_per_epoch * (swa_start // steps_per_epoch + 1), total_steps, steps_per_epoch))
+    elif kind == "epochs":
+        steps = [int(v) * steps_per_epoch for v in values]
+    else:
+        steps = [int(v * total_steps) for v in values]
+    for value, step in zip(values or steps, steps):
+        if step < swa_start:
+            raise ConfigError(f"swa_start_candidates: {value:g} starts at optimizer step {step}, before the SWA start "
+                              f"(step {swa_start}); move the SWA start to the earliest candidate")
+        if step >= total_steps:
+            raise ConfigError(f"swa_start_candidates: {value:g} starts at optimizer step {step}, but training ends "
+                              f"after {total_steps} steps")
+    ordered = sorted({swa_start, *steps})
+    return tuple((candidate_name(step, steps_per_epoch), step) for step in ordered)
 
 
 def _pre_swa_factor(step: int, training: TrainingArguments, total_steps: int) -> float:

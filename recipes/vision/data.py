@@ -76,7 +76,21 @@ class VisionDataArguments:
             "Eval splits stay clean."
         },
     )
-    label_noise_seed: int = field(default=0, metadata={"help": "Seed for choosing and corrupting noisy labels."})
+    label_noise_seed: int = field(
+        default=0, metadata={"help": "Seed of the label noise and of the validation carve (validation_fraction)."}
+    )
+    validation_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of the train split, stratified by (noisy) label, as the 'validation' "
+            "split that model selection reads. It keeps the train split's label noise, as a practitioner's "
+            "validation labels would. 0: none."
+        },
+    )
+    validation_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "An existing dataset split to use as the validation split instead of carving one."},
+    )
     augment: bool = field(
         default=False,
         metadata={"help": "Standard CIFAR augmentation on the train split: zero-padded random crop + horizontal flip."},
@@ -108,6 +122,20 @@ class VisionDataArguments:
             raise ValueError(f"label_noise: must be in [0, 1), got {self.label_noise}")
         if isinstance(self.label_noise_seed, bool) or not isinstance(self.label_noise_seed, int):
             raise ValueError(f"label_noise_seed: must be an integer, got {self.label_noise_seed!r}")
+        if isinstance(self.validation_fraction, bool) or not isinstance(self.validation_fraction, (int, float)) \
+                or not 0.0 <= float(self.validation_fraction) < 1.0:
+            raise ValueError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction!r}")
+        if self.validation_split is not None:
+            if self.validation_fraction:
+                raise ValueError("validation_split: set either validation_split or validation_fraction, not both")
+            if self.validation_split in self.eval_splits and self.validation_split != "validation":
+                raise ValueError(f"validation_split: {self.validation_split!r} is an eval split that results are "
+                                 "reported on; model selection needs a split of its own")
+            if self.validation_split == self.train_split:
+                raise ValueError(f"validation_split: {self.validation_split!r} is the train split")
+        if "validation" in self.eval_splits and (self.validation_fraction or self.validation_split):
+            raise ValueError("eval_split: 'validation' is added by validation_fraction / validation_split; "
+                             "list only the reporting splits")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -129,7 +157,8 @@ class VisionData:
 
     Attributes:
         train: Train split, decoded; augmented (when asked) by ``train.view(seed, stream)``.
-        evals: Eval splits keyed by split name (e.g. ``"test"``), decoded, never augmented.
+        evals: Eval splits keyed by split name (e.g. ``"validation"``, ``"test"``), decoded, never augmented.
+            ``"validation"`` (when configured) comes first; model selection reads it and nothing else.
         label_names: Class names, index = label id.
         in_channels: Number of image channels (1 for digits, 3 for CIFAR).
         image_size: Image height (= width) in pixels.
@@ -146,6 +175,11 @@ class VisionData:
     noisy_indices: list[int] = field(default_factory=list)
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+
+    @property
+    def validation_split(self) -> Optional[str]:
+        """The split model selection reads, if the data has one."""
+        return "validation" if "validation" in self.evals else None
 
     @property
     def num_labels(self) -> int:
@@ -328,6 +362,27 @@ def _apply_label_noise(
     return train, noisy.tolist()
 
 
+def _carve_validation(
+    train: datasets.Dataset, label_column: str, fraction: float, seed: int, noisy_indices: list[int]
+) -> tuple[datasets.Dataset, datasets.Dataset, list[int]]:
+    """Splits ``fraction`` of the (already noisy) train rows off as validation, stratified by label.
+
+    Returns the new train split, the validation split and the noisy row indices renumbered into the new train split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(train[label_column], dtype=np.int64)
+    try:
+        keep, held = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError as error:  # a class with one row, or a fraction that leaves a split empty
+        raise ValueError(f"validation_fraction: cannot hold out {fraction} of {len(labels)} train rows "
+                         f"stratified by label ({str(error).splitlines()[0]})") from None
+    keep, held = np.sort(keep), np.sort(held)
+    new_index = {int(old): new for new, old in enumerate(keep)}
+    noisy = [new_index[i] for i in noisy_indices if i in new_index]
+    return train.select(keep), train.select(held), noisy
+
+
 def load_vision_data(args: VisionDataArguments) -> VisionData:
     """Load, validate and prepare an image classification dataset.
 
@@ -355,11 +410,16 @@ def load_vision_data(args: VisionDataArguments) -> VisionData:
         if not isinstance(raw, datasets.DatasetDict):
             raise ValueError(f"dataset_name: {args.dataset_name!r} did not load as a dataset with named splits")
 
-    for arg_name, split in [("train_split", args.train_split)] + [("eval_split", s) for s in args.eval_splits]:
+    named_splits = [("train_split", args.train_split)] + [("eval_split", s) for s in args.eval_splits]
+    if args.validation_split is not None:
+        named_splits.append(("validation_split", args.validation_split))
+    for arg_name, split in named_splits:
         if split not in raw:
             raise ValueError(f"{arg_name}: split {split!r} not in dataset; available: {_available(raw.keys())}")
 
     splits = {args.train_split: raw[args.train_split], **{s: raw[s] for s in args.eval_splits}}
+    if args.validation_split is not None:
+        splits[args.validation_split] = raw[args.validation_split]
     train_columns = list(raw[args.train_split].column_names)
     image_column = _resolve_column(
         "image_column", args.image_column, _IMAGE_COLUMN_CANDIDATES, train_columns, args.dataset_name
@@ -395,6 +455,16 @@ def load_vision_data(args: VisionDataArguments) -> VisionData:
     train, noisy_indices = _apply_label_noise(
         train, label_column, len(label_names), float(args.label_noise), args.label_noise_seed
     )
+    if args.validation_fraction:
+        train, validation, noisy_indices = _carve_validation(
+            train, label_column, float(args.validation_fraction), args.label_noise_seed, noisy_indices
+        )
+        evals = {"validation": validation, **evals}
+    elif args.validation_split is not None:
+        validation = raw[args.validation_split]
+        if args.max_eval_samples is not None and args.max_eval_samples < len(validation):
+            validation = validation.select(range(args.max_eval_samples))
+        evals = {"validation": validation, **evals}
 
     # Decode every split once; from here on a batch is a gather from one tensor.
     train_images = decode_images(train, image_column)

@@ -67,7 +67,7 @@ def setup(argv: list[str]):
                            **model_args.kwargs())
 
     task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals, save_model=save_model,
-                collate_fn=identity_collate)
+                collate_fn=identity_collate, validation_split=data.validation_split)
     config = resolved_config((data_args, model_args, training, swa))
     config["label_names"] = list(data.label_names)
     return task, training, swa, accelerator, config

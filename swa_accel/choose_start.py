@@ -1,6 +1,10 @@
 """Suggests where to start SWA from a finished run without it: the epoch where validation loss turns up.
 
-Usage: python -m swa_accel.choose_start OUTPUT_DIR/metrics.jsonl [--split test] [--metric nll]
+This is the two-run method (a run without SWA, then a second run with SWA from the suggested epoch). The
+one-run alternative is `swa_start_candidates`, chosen on the same validation split at the end of one run.
+Either way the choice reads the validation split, never the test split.
+
+Usage: python -m swa_accel.choose_start OUTPUT_DIR/metrics.jsonl [--split validation] [--metric nll]
 """
 
 from __future__ import annotations
@@ -12,23 +16,26 @@ from typing import Optional
 from .outputs import read_metrics
 
 
-def suggest_start(records: list[dict], split: Optional[str] = None, metric: str = "nll") -> tuple[int, str]:
+def suggest_start(records: list[dict], split: str = "validation", metric: str = "nll") -> tuple[int, str]:
     """Returns (epoch, explanation): the epoch after which the base model's validation loss is lowest.
 
     Args:
         records: metrics.jsonl records.
-        split: the evaluation split to read; None picks the first one logged.
+        split: the validation split to read; the test split is refused (choosing on it leaks it).
         metric: a lower-is-better metric.
 
     Raises:
-        ValueError: no base-model records with that split and metric.
+        ValueError: the test split, or no base-model records with that split and metric.
     """
+    if split == "test":
+        raise ValueError("split: choosing the SWA start on the test split leaks it into the result; run with a "
+                         "validation split (vision: --validation_fraction 0.15) and read that")
     base = [r for r in records if r["model"] == "base" and metric in r and not r.get("final")]
-    if split is None and base:
-        split = base[0]["split"]
     curve = sorted((r["epoch"], r[metric]) for r in base if r["split"] == split)
     if not curve:
-        raise ValueError(f"metric: no base-model '{metric}' records for split '{split}'")
+        logged = sorted({r["split"] for r in base})
+        raise ValueError(f"split: no base-model '{metric}' records for split '{split}' (logged: {', '.join(logged)}); "
+                         "train with a validation split")
     best_epoch, best_value = min(curve, key=lambda point: point[1])
     last_epoch, last_value = curve[-1]
     if best_epoch == last_epoch:
@@ -41,7 +48,7 @@ def suggest_start(records: list[dict], split: Optional[str] = None, metric: str 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", help="metrics.jsonl of a finished run (ideally with --swa_method none)")
-    parser.add_argument("--split", default=None, help="evaluation split to read (default: the first logged)")
+    parser.add_argument("--split", default="validation", help="validation split to read (never the test split)")
     parser.add_argument("--metric", default="nll", help="lower-is-better metric to watch (default: nll)")
     args = parser.parse_args(argv)
     try:

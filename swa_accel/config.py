@@ -176,7 +176,8 @@ class SWAArguments:
         for decay in self.ema_decay_values():
             if not 0.0 < decay < 1.0:
                 raise ConfigError(f"ema_decays: each decay must be in (0, 1), got {decay}")
-        if (self.swa_start_candidates or self.ema_decays) and self.swa_method != "swa":
+        # (With swa_method none nothing is averaged, and a config's candidates are simply unused.)
+        if (self.swa_start_candidates or self.ema_decays) and self.swa_method == "ema":
             raise ConfigError(f"swa_start_candidates: candidates are averages of an SWA run; swa_method is "
                               f"{self.swa_method!r}")
         if self.selection_metric not in SELECTION_METRICS:

@@ -531,7 +531,8 @@ class Trainer:
         """Final evaluation, last checkpoint, exports, plot and the closing table."""
         acc = self.accelerator
         # The final/swa export is the very module evaluated here, so its logged metrics reproduce on reload.
-        results, swa_module = self.evaluate(final=True)
+        with self.timed("final_evaluation"):  # includes scoring every candidate average
+            results, swa_module = self.evaluate(final=True)
         if self.checkpoint_due(epoch_end=self.state.batches_in_epoch == 0):
             self.checkpoint(swa_module)
         final_dir = self.output_dir / "final"

@@ -139,8 +139,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         rows.append(one_seed(args.config, seed, Path(args.work), extra, args.epochs))
-        print(json.dumps({k: rows[-1][k] for k in ("seed", "default_start", "one_run_choice", "two_run", "cosine")}),
-              flush=True)
+        print(json.dumps({k: rows[-1][k] for k in ("seed", "default_start", "one_run_choice", "two_run", "cosine",
+                                                   "compute_s", "wall_s")}), flush=True)
     report = {"command": " ".join(sys.argv), "extra_args": extra, "summary": summarize(rows), "rows": rows}
     Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(table(rows))

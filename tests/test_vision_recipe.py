@@ -1,5 +1,7 @@
 """The vision recipe end to end through the real launcher: outputs, reload, LR parity, resume, bad input."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,29 +24,37 @@ SMOKE = ROOT / "recipes" / "vision" / "configs" / "smoke.yaml"
 
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
-    return make_cifar_like(tmp_path_factory.mktemp("cifar"), n_train=64, n_test=32, image_size=8)
+    return make_cifar_like(tmp_path_factory.mktemp("cifar"), n_train=80, n_test=32, image_size=8)
 
 
 def common(cifar_dir, out, *extra):
-    # 64 samples, global batch 16: 4 optimizer steps per epoch, 16 in all; averaging every 2 steps from step 8.
+    # 80 rows, 16 held out (stratified) for validation: 64 samples, global batch 16, so 4 optimizer steps per
+    # epoch, 16 in all; averaging every 2 steps from step 8.
     return ["--config", str(SMOKE), "--dataset_name", str(cifar_dir), "--label_noise", "0", "--augment", "true",
-            "--max_train_samples", "64", "--model_name", "preresnet", "--depth", "8", "--output_dir", str(out),
-            "--num_train_epochs", "4", "--swa_start_epoch", "2", "--swa_update_every_steps", "2",
-            "--checkpointing_steps", "3", "--eval_steps", "2", "--per_device_eval_batch_size", "8", *extra]
+            "--max_train_samples", "80", "--validation_fraction", "0.2", "--model_name", "preresnet", "--depth", "8",
+            "--output_dir", str(out), "--num_train_epochs", "4", "--swa_start_epoch", "2",
+            "--swa_update_every_steps", "2", "--checkpointing_steps", "3", "--eval_steps", "2",
+            "--per_device_eval_batch_size", "8", *extra]
+
+
+# One run, many averages: the SWA start (epoch 2: 4 updates), a later start (epoch 3: 2 updates), a side EMA.
+CANDIDATES = ("--swa_start_candidates", "every_epoch", "--ema_decays", "0.5")
 
 
 @pytest.fixture(scope="module")
 def runs(cifar_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("vision_runs")
-    one = launch(SCRIPT, common(cifar_dir, base / "one", "--per_device_train_batch_size", "16"))
-    two = launch(SCRIPT, common(cifar_dir, base / "two", "--per_device_train_batch_size", "8"), num_processes=2)
+    one = launch(SCRIPT, common(cifar_dir, base / "one", "--per_device_train_batch_size", "16", *CANDIDATES))
+    two = launch(SCRIPT, common(cifar_dir, base / "two", "--per_device_train_batch_size", "8", *CANDIDATES),
+                 num_processes=2)
     accum = launch(SCRIPT, common(cifar_dir, base / "accum", "--per_device_train_batch_size", "8",
                                   "--gradient_accumulation_steps", "2", "--checkpointing_steps", "None"))
     return {"one": (base / "one", one), "two": (base / "two", two), "accum": (base / "accum", accum)}
 
 
-def final_record(out: Path, model: str) -> dict:
-    return next(r for r in read_metrics(out / "metrics.jsonl") if r.get("final") and r["model"] == model)
+def final_record(out: Path, model: str, split: str = "test") -> dict:
+    return next(r for r in read_metrics(out / "metrics.jsonl")
+                if r.get("final") and r["model"] == model and r["split"] == split)
 
 
 @pytest.mark.parametrize("name,processes", [("one", 1), ("two", 2)])
@@ -54,7 +64,7 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
     assert resolved["launch"]["num_processes"] == processes
     assert resolved["config"]["model_name"] == "preresnet"
     for path in ("metrics.jsonl", "curves.png", "final/base/model.safetensors", "final/swa/model.safetensors",
-                 "final/swa/config.json", "final/results.json"):
+                 "final/swa/config.json", "final/results.json", "final/candidates.json"):
         assert (out / path).is_file(), path
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step_00000012", "step_00000015"]  # total limit 2, newest kept
@@ -66,7 +76,9 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
     swa = final_record(out, "swa")
     assert swa["n_averaged"] == 4 and swa["step"] == 16
 
-    data = load_vision_data(VisionDataArguments(dataset_name=str(cifar_dir)))
+    # The same rows as the run (normalisation statistics come from its train split, after the carve).
+    data = load_vision_data(VisionDataArguments(dataset_name=str(cifar_dir), max_train_samples=80,
+                                                validation_fraction=0.2))
     model = PreResNet.from_pretrained(out / "final" / "swa")
     loader = torch.utils.data.DataLoader(data.evals["test"], batch_size=8, collate_fn=identity_collate)
 
@@ -90,10 +102,68 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
     assert not torch.equal(base_state[bn_key], swa_state[bn_key])
 
 
+@pytest.mark.parametrize("name", ["one", "two"])
+def test_candidates_are_listed_and_the_chosen_one_is_exported(runs, name):
+    out, result = runs[name]
+    report = json.loads((out / "final" / "candidates.json").read_text())
+    candidates = {c["name"]: c for c in report["candidates"]}
+    assert list(candidates) == ["swa_from_epoch_2", "swa_from_epoch_3", "ema_0.5"]
+    assert [c["kind"] for c in candidates.values()] == ["swa", "swa", "ema"]
+    assert [c["n_averaged"] for c in candidates.values()] == [4, 2, 4]
+    assert [c["start_epoch"] for c in candidates.values()] == [2, 3, 2]
+    assert report["selection_split"] == "validation" and report["selection_metric"] == "nll"
+    for c in candidates.values():
+        assert set(c["metrics"]) == {"validation", "test"}
+    # The choice is the lowest validation NLL, and what was exported and logged as "swa" is that candidate.
+    best = min(candidates, key=lambda n: candidates[n]["metrics"]["validation"]["nll"])
+    assert report["chosen"] == best
+    results = json.loads((out / "final" / "results.json").read_text())
+    assert results["swa"] == candidates[best]["metrics"]
+    assert final_record(out, "swa", "validation")["nll"] == candidates[best]["metrics"]["validation"]["nll"]
+    logged = {r["candidate"] for r in read_metrics(out / "metrics.jsonl") if r["model"] == "candidate"}
+    assert logged == set(candidates)
+    assert f"chosen: {best}: " in result.stdout and "swa_from_epoch_3" in result.stdout
+    # The candidates really differ (else the choice would be vacuous).
+    assert len({c["metrics"]["validation"]["nll"] for c in candidates.values()}) == 3
+
+
+def test_one_and_two_processes_give_the_same_candidates(runs):
+    def summary(name):
+        report = json.loads((runs[name][0] / "final" / "candidates.json").read_text())
+        return [(c["name"], c["n_averaged"], c["start_step"]) for c in report["candidates"]]
+
+    assert summary("one") == summary("two")
+
+
+def test_the_test_split_cannot_change_the_choice(runs, cifar_dir, tmp_path):
+    """Same run, test labels shifted by one class: the validation scores and the choice stay bit-identical."""
+    import pyarrow.parquet as pq
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(cifar_dir, shifted)
+    test_file = next((shifted / "data").glob("test-*.parquet"))
+    table = pq.read_table(test_file)
+    labels = table.column("label").to_pylist()
+    table = table.set_column(table.schema.get_field_index("label"), table.schema.field("label"),
+                             [[(label + 1) % 10 for label in labels]])
+    pq.write_table(table, test_file)
+    out = tmp_path / "run"
+    args = common(cifar_dir, out, "--per_device_train_batch_size", "16", *CANDIDATES)
+    args[args.index(str(cifar_dir))] = str(shifted)
+    launch(SCRIPT, args + ["--checkpointing_steps", "None"])
+    original = json.loads((runs["one"][0] / "final" / "candidates.json").read_text())
+    again = json.loads((out / "final" / "candidates.json").read_text())
+    assert again["chosen"] == original["chosen"]
+    for a, b in zip(original["candidates"], again["candidates"]):
+        assert a["metrics"]["validation"] == b["metrics"]["validation"]
+        assert a["metrics"]["test"] != b["metrics"]["test"]  # the test split really changed
+
+
 def test_lr_per_step_is_the_same_for_processes_and_accumulation(runs):
     def lr_by_step(name):
         out = runs[name][0]
-        return [(r["step"], r["lr"]) for r in read_metrics(out / "metrics.jsonl") if r["model"] == "base"]
+        return [(r["step"], r["lr"]) for r in read_metrics(out / "metrics.jsonl")
+                if r["model"] == "base" and r["split"] == "test"]
 
     one = lr_by_step("one")
     assert len(one) == 8 and one[-1][0] == 16
@@ -124,12 +194,14 @@ def test_resume_after_a_checkpoint_gives_bit_identical_final_weights(runs, cifar
     straight = runs["one"][0]
     out = tmp_path / "resumed"
     args = common(cifar_dir, out, "--per_device_train_batch_size", "16")
-    launch(SCRIPT, args + ["--stop_after_step", "11"])  # mid-epoch, after averaging began
+    # Mid-epoch, after averaging began and after the later candidate (epoch 3 = step 12) stored its copy.
+    launch(SCRIPT, args + [*CANDIDATES, "--stop_after_step", "13"])
     assert not (out / "final").exists()
-    assert (out / "checkpoints" / "step_00000011").is_dir()
-    launch(SCRIPT, args + ["--resume_from_checkpoint", "latest"])
+    assert (out / "checkpoints" / "step_00000013").is_dir()
+    launch(SCRIPT, args + [*CANDIDATES, "--resume_from_checkpoint", "latest"])
     assert_same_final_weights(straight, out)
     assert read_metrics(out / "metrics.jsonl") == read_metrics(straight / "metrics.jsonl")
+    assert (out / "final" / "candidates.json").read_text() == (straight / "final" / "candidates.json").read_text()
 
 
 def run_bad(args):

@@ -173,7 +173,9 @@ def setup(argv: list[str]):
     task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals,
                 save_model=make_save_model(tokenizer), collate_fn=data.collate_fn, metric_names=metric_names,
                 primary_metric="accuracy", drop_last=data.drop_last,
-                random_transforms=False)  # tokenized rows are fixed: no per-sample RNG to seed
+                random_transforms=False,  # tokenized rows are fixed: no per-sample RNG to seed
+                # Selection (among SWA candidates) reads the dataset's validation split, when it is evaluated.
+                validation_split="validation" if "validation" in data.evals else None)
     config = resolved_config((data_args, model_args, training, swa))
     config["label_names"] = list(data.label_names)
     # What pad_to_max_length=None resolved to on this device, so config.yaml shows what actually ran.

@@ -6,6 +6,7 @@ same `datasets.load_dataset` path as nyu-mll/glue) and a tiny BERT built from a 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -291,8 +292,17 @@ def test_task_metrics():
 
 def test_smoke_config_runs_offline(tmp_path):
     out = tmp_path / "smoke"
-    result = launch(SCRIPT, ["--config", str(CONFIG_DIR / "smoke.yaml"), "--output_dir", str(out)])
+    # With candidates as fractions of the budget: the SWA start (step 8), step 12, and a side EMA.
+    result = launch(SCRIPT, ["--config", str(CONFIG_DIR / "smoke.yaml"), "--output_dir", str(out),
+                             "--swa_start_candidates", "0.75", "--ema_decays", "0.5"])
     assert "final evaluation" in result.stdout
+    report = json.loads((out / "final" / "candidates.json").read_text())
+    assert report["selection_split"] == "validation"
+    assert [(c["name"], c["n_averaged"]) for c in report["candidates"]] == [
+        ("swa_from_epoch_1", 4), ("swa_from_step_12", 2), ("ema_0.5", 4)]
+    assert {split for c in report["candidates"] for split in c["metrics"]} == {"validation", "test"}
+    chosen = min(report["candidates"], key=lambda c: c["metrics"]["validation"]["nll"])
+    assert report["chosen"] == chosen["name"] and f"chosen: {chosen['name']}" in result.stdout
     model = AutoModelForSequenceClassification.from_pretrained(out / "final" / "swa")
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}

@@ -220,6 +220,11 @@ def run_bad(args):
     (["--model_name", "resnet9000"], "model_name"),
     (["--learning_rate", "abc"], "learning_rate"),
     (["--resume_from_checkpoint", "/nonexistent/ckpt"], "resume_from_checkpoint"),
+    # Candidates without a validation split to choose on, or before the SWA start.
+    (["--validation_fraction", "0", "--swa_start_candidates", "every_epoch"], "swa_start_candidates: choosing among"),
+    (["--swa_start_candidates", "1"], "swa_start_candidates: 1 starts at optimizer step 2, before the SWA start (step 4)"),
+    (["--validation_fraction", "0.9"], "validation_fraction: cannot hold out 0.9 of 80 train rows"),
+    (["--validation_fraction", "0", "--validation_split", "test"], "validation_split: 'test' is an eval split"),
 ])
 def test_bad_config_is_one_line_naming_the_field_before_training(cifar_dir, tmp_path, extra, field):
     out = tmp_path / "bad"

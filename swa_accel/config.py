@@ -130,7 +130,8 @@ class SWAArguments:
     ema_buffers: str = _help("EMA buffers: average or copy.", default="average")
     swa_start_candidates: Optional[str] = _help(
         "One run, many averages: later starts whose averages are kept beside the main one and chosen from at the "
-        "end on the validation split. 'every_epoch' (each epoch from the SWA start), epochs ('12,16,20') or "
+        "end on the validation split. 'every_epoch' (each epoch from the SWA start), 'every_2_epochs' (or any N), "
+        "epochs ('12,16,20') or "
         "fractions of the budget ('0.5,0.75'); the SWA start itself is always the first candidate. "
         "One averaged copy per candidate, no extra work per update.", default=None)
     ema_decays: Optional[str] = _help(
@@ -193,16 +194,19 @@ class SWAArguments:
         return self.swa_method != "none"
 
     def candidate_starts(self) -> tuple[str, tuple[float, ...]]:
-        """('none' | 'every_epoch' | 'epochs' | 'fractions', values) from `swa_start_candidates`."""
+        """('none' | 'every_epoch' (values: the spacing) | 'epochs' | 'fractions', values) from `swa_start_candidates`."""
         text = self.swa_start_candidates
         if text is None:
             return "none", ()
         if text == "every_epoch":
-            return "every_epoch", ()
+            return "every_epoch", (1.0,)
+        every = re.fullmatch(r"every_([1-9][0-9]*)_epochs", text)
+        if every:
+            return "every_epoch", (float(every.group(1)),)
         try:
             values = tuple(float(v) for v in text.split(","))
         except ValueError:
-            raise ConfigError(f"swa_start_candidates: must be every_epoch or a list of epochs or fractions, "
+            raise ConfigError(f"swa_start_candidates: must be every_epoch, every_N_epochs or a list of epochs or fractions, "
                               f"got {text!r}") from None
         if all(v.is_integer() and v >= 0 and "." not in t for v, t in zip(values, text.split(","))):
             return "epochs", values

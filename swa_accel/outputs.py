@@ -118,7 +118,7 @@ def plot_candidates(axis, candidates: dict[str, dict], chosen: Optional[str], sp
     for name, c in candidates.items():
         if c["kind"] == "ema":
             axis.axhline(c["metrics"][split][metric], linestyle="--", linewidth=1, color="gray")
-            axis.annotate(name, (0, c["metrics"][split][metric]), fontsize=7, color="gray",
+            axis.annotate(name, (0.01, c["metrics"][split][metric]), fontsize=7, color="gray",
                           xycoords=("axes fraction", "data"))
     if chosen is not None:
         c = candidates[chosen]

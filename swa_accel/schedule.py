@@ -96,8 +96,10 @@ def candidate_starts(swa: SWAArguments, swa_start: int, steps_per_epoch: int,
             earlier average would mix two phases) or at or after the end of training.
     """
     kind, values = swa.candidate_starts()
-    if kind == "every_epoch":
-        steps = list(range(steps_per_epoch * (swa_start // steps_per_epoch + 1), total_steps, steps_per_epoch))
+    if kind == "every_epoch":  # every N epochs after the SWA start, on epoch boundaries
+        spacing = int(values[0]) * steps_per_epoch
+        steps = list(range((swa_start // steps_per_epoch) * steps_per_epoch + spacing, total_steps, spacing))
+        values = ()
     elif kind == "epochs":
         steps = [int(v) * steps_per_epoch for v in values]
     else:

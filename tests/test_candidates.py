@@ -171,6 +171,8 @@ def plan(candidates, swa_start_epoch=6, epochs=10, steps_per_epoch=5):
 def test_candidate_starts_in_the_plan():
     assert plan(None).candidates == (("swa_from_epoch_6", 30),)
     assert plan("every_epoch").candidates == tuple((f"swa_from_epoch_{e}", 5 * e) for e in (6, 7, 8, 9))
+    assert plan("every_2_epochs", swa_start_epoch=3).candidates == (
+        ("swa_from_epoch_3", 15), ("swa_from_epoch_5", 25), ("swa_from_epoch_7", 35), ("swa_from_epoch_9", 45))
     assert plan("9,7").candidates == (("swa_from_epoch_6", 30), ("swa_from_epoch_7", 35), ("swa_from_epoch_9", 45))
     assert plan("0.75").candidates == (("swa_from_epoch_6", 30), ("swa_from_step_37", 37))
     with pytest.raises(ConfigError, match=r"^swa_start_candidates: 5 starts at optimizer step 25, before the SWA "):
@@ -181,7 +183,8 @@ def test_candidate_starts_in_the_plan():
 
 @pytest.mark.parametrize("value,message", [
     ("1.5", "swa_start_candidates: list whole epochs"), ("3,0.5", "swa_start_candidates: list whole epochs"),
-    ("soon", "swa_start_candidates: must be every_epoch or a list"), ])
+    ("soon", "swa_start_candidates: must be every_epoch, every_N_epochs or a list"),
+    ("every_0_epochs", "swa_start_candidates: must be every_epoch, every_N_epochs or a list"), ])
 def test_bad_candidate_lists_are_one_line(value, message):
     with pytest.raises(ConfigError, match="^" + message):
         SWAArguments(swa_start_candidates=value)

@@ -1,0 +1,344 @@
+"""A sharded placement for FSDP2 (`fully_shard`): every rank averages only its own shard of the weights.
+
+Under FSDP2 a parameter is a DTensor and each rank stores one dim-0 chunk of it (`torch.chunk`, so
+shards may be uneven, even empty). `ShardedPlacement` hands the averager those local shards, so each
+rank keeps fp32 copies of 1/N of the model and the update is the same few `_foreach` kernels with no
+communication. Nothing here ever holds a full copy of the average on every rank:
+
+- `swapped_in(averager, model)` puts the average into the sharded model's own storage for a BN
+  recompute and an evaluation, and puts the training weights and BN buffers back, bit for bit.
+- `recompute_bn_sharded` runs `recompute_bn` on the sharded model; FSDP all-gathers in every forward,
+  so ranks with fewer BN batches run a few extra (discarded) forwards to stay in lockstep.
+- `gather_full_state` gathers the fp32 average once, one tensor at a time, and keeps it on rank 0
+  (for the same `from_pretrained` export as the main placement).
+- `save_shards` / `load_shards` / `register_shard_checkpointing` keep one file per rank. accelerate's
+  `register_for_checkpointing` cannot: in accelerate 1.15 `save_custom_state` writes
+  `custom_checkpoint_<object index>.pkl` from the main process only and every rank loads that same
+  file, so rank 1 would get rank 0's shards (a shape error when shards are uneven, silently wrong
+  weights when they are even).
+- `averaged_bytes` reports what a rank holds: 4 bytes per local shard element (plus averaged buffers).
+
+A training loop uses it like this (see tests/workers/fsdp2_averaging.py):
+
+    placement = ShardedPlacement(accelerator.device)
+    averager = WeightAverager(model, "swa", placement, accelerator.process_index)
+    register_shard_checkpointing(accelerator, averager)  # instead of register_for_checkpointing(averager)
+    ...  # after each real optimizer step:
+    averager.update(model)
+    ...  # to evaluate or export, on every rank:
+    with swapped_in(averager, model):
+        recompute_bn_sharded(model, loader_factory, device, num_processes)
+        evaluate(model)
+        state = gather_full_state(averager, model, accelerator.process_index)  # rank 0: {name: cpu tensor}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from accelerate.utils import send_to_device
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from .averaging import WeightAverager, clean_name
+from .batches import forward_logits
+from .batchnorm import batchnorm_layers, recompute_bn
+
+SHARD_FILE = "swa_average_rank{rank:05d}_of_{world:05d}.pt"
+SHARD_FILE_PATTERN = re.compile(r"^swa_average_rank(\d+)_of_(\d+)\.pt$")
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's storage of a (possibly DTensor) parameter or buffer; in-place writes reach the model."""
+    with torch.no_grad():  # without grad, `to_local` aliases the DTensor's local storage (no autograd node)
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Frees every FSDP unsharded parameter, so the module's parameters are the sharded DTensors again.
+
+    FSDP2 keeps the root module's parameters unsharded after a forward (its `reshard_after_forward` is
+    off by default), as plain full tensors; after a swap those would hold stale weights, and before
+    reading shards they would hide the DTensors. No collective: resharding only drops memory.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+class ShardedPlacement:
+    """Every rank keeps fp32 copies of its own shards (FSDP2); tensors that are not DTensors, such as BN
+    running statistics, are replicas, identical on every rank, and each rank averages its replica.
+
+    Args:
+        device: where the fp32 copies live (the training device).
+        offload_to_cpu: keep them in host memory instead.
+    """
+
+    name = "sharded"
+
+    def __init__(self, device: torch.device, offload_to_cpu: bool = False) -> None:
+        self.device = torch.device("cpu") if offload_to_cpu else torch.device(device)
+        self.active_swap: Optional[_Swap] = None  # set while `swapped_in` holds the average in the model
+
+    def holds_copy(self, process_index: int) -> bool:
+        return True
+
+    def local_tensors(self, model: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
+        """The tensors this rank averages, by wrapper-free name: local shards of DTensors, replicas otherwise."""
+        reshard_all(model)
+        tensors = {clean_name(n): local_shard(p) for n, p in model.named_parameters()}
+        if buffers:
+            tensors.update({clean_name(n): local_shard(b) for n, b in model.named_buffers() if b.is_floating_point()})
+        return tensors
+
+    def fill_module(self, averaged: Optional[dict[str, torch.Tensor]], module: nn.Module, num_processes: int) -> None:
+        raise NotImplementedError(
+            "the sharded placement never builds a full averaged module on every rank: use "
+            "swa_accel.sharded.swapped_in(averager, model) to evaluate the average in the sharded model, and "
+            "gather_full_state(averager, model, rank) inside it to export")
+
+
+def averaged_bytes(averager: WeightAverager) -> int:
+    """Bytes of this rank's averaged copy (4 x its local shard elements under the sharded placement)."""
+    if averager.averaged is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in averager.averaged.values())
+
+
+class _Swap:
+    """Where the fp32 average and the training values of each tensor are while the average is swapped in."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.exchanged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model storage, averaged storage)
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model storage, training value)
+        self.fp32_average: dict[str, torch.Tensor] = {}  # parameter name -> the tensor holding its fp32 average
+
+    def undo(self) -> None:
+        for live, average in self.exchanged:
+            _exchange(live, average)
+        for live, training in self.saved:
+            live.copy_(training)
+        self.exchanged, self.saved = [], []
+
+
+def _exchange(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Swaps the contents of two same-shape tensors through one temporary (exact when both are fp32)."""
+    temporary = a.clone()
+    a.copy_(b)
+    b.copy_(temporary)
+
+
+def _check_binding(averager: WeightAverager, model: nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Refuses a model whose shard storage changed since the averager bound it: its average froze silently.
+
+    FSDP2 re-creates a parameter's local storage when it is replaced (e.g. `load_state_dict(assign=True)`);
+    in-place optimizer steps and plain `load_state_dict` keep it.
+    """
+    if getattr(averager, "_bound_model", None) is not model:
+        return
+    for name, bound in zip(averager.averaged, getattr(averager, "_sources", [])):
+        live = params.get(name)
+        if live is not None and (live.data_ptr() != bound.data_ptr() or live.shape != bound.shape):
+            raise RuntimeError(f"sharded average: the storage of {name!r} changed after the averager bound the "
+                               "model (parameters replaced?), so later updates did not reach the average; "
+                               "build the averager after such changes")
+
+
+@contextlib.contextmanager
+def swapped_in(averager: WeightAverager, model: nn.Module, candidate: Optional[str] = None) -> Iterator[nn.Module]:
+    """Holds the average (or the averager's `candidate`) in the sharded model, cast to each parameter's dtype.
+
+    Call it on every rank. Inside, run forwards only (BN recompute, evaluation, `gather_full_state`);
+    do not step the optimizer, update the averager or save a checkpoint. On exit the training weights
+    and every buffer (BN running_mean, running_var, num_batches_tracked) are restored bit-identically,
+    also when the body raises. No collective and no full gather: fp32 shards are exchanged with the
+    model's shards through one temporary tensor at a time, so the averaged copy itself holds the
+    training weights meanwhile; a low-precision parameter cannot hold the fp32 average, so its
+    training value is saved aside instead (in its own, smaller, dtype). Buffers are saved aside (small).
+    A candidate that starts later is computed into a temporary fp32 copy of the local shards first.
+    """
+    placement = averager.placement
+    if not isinstance(placement, ShardedPlacement):
+        raise TypeError(f"swapped_in needs a ShardedPlacement, got {type(placement).__name__}")
+    if placement.active_swap is not None:
+        raise RuntimeError("the average is already swapped into a model")
+    if averager.n_averaged == 0:
+        raise ValueError("the average holds no update yet")
+    averaged = averager.averaged if candidate is None else averager.candidate_tensors(candidate)
+    reshard_all(model)
+    params = {clean_name(n): local_shard(p) for n, p in model.named_parameters()}
+    _check_binding(averager, model, params)
+    buffers = {clean_name(n): b for n, b in model.named_buffers()}
+    saved_buffers = [(b, b.clone()) for b in buffers.values()]
+    swap = _Swap(model)
+    try:
+        with torch.no_grad():
+            for name, average in averaged.items():
+                if name in buffers:  # an EMA-averaged buffer; its training value is in saved_buffers
+                    buffers[name].copy_(average)
+                    continue
+                live = params[name]
+                if live.dtype == average.dtype:
+                    _exchange(live, average)
+                    swap.exchanged.append((live, average))
+                    swap.fp32_average[name] = live
+                else:
+                    swap.saved.append((live, live.clone()))
+                    live.copy_(average)
+                    swap.fp32_average[name] = average
+        placement.active_swap = swap
+        yield model
+    finally:
+        with torch.no_grad():
+            reshard_all(model)  # drops unsharded copies that hold the average
+            swap.undo()
+            for live, training in saved_buffers:
+                live.copy_(training)
+        placement.active_swap = None
+
+
+@torch.no_grad()
+def recompute_bn_sharded(
+    model: nn.Module,
+    loader_factory: Callable[[], Any],
+    device: torch.device,
+    num_processes: int = 1,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> int:
+    """`recompute_bn` on an FSDP2 model whose ranks may hold different numbers of BN batches.
+
+    Each FSDP forward all-gathers, so every rank must run the same number of forwards. Ranks with
+    fewer batches first run the missing forwards on their first batch in eval mode; `recompute_bn`
+    resets the statistics afterwards, so these forwards change nothing. Arguments and result are
+    `recompute_bn`'s (call it inside `swapped_in`).
+
+    Raises:
+        ValueError: some rank has no BN batch while others have some (fewer batches than ranks).
+    """
+    if not batchnorm_layers(model):
+        return 0
+    reshard_all(model)  # the same FSDP state on every rank, so the forwards issue the same collectives
+    if num_processes > 1:
+        own = _count_batches(loader_factory())
+        counts = torch.tensor([own, -own], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+        most, fewest = int(counts[0].item()), -int(counts[1].item())
+        if fewest == 0 and most > 0:
+            raise ValueError("bn_recompute: a rank has no BatchNorm batch (fewer batches than processes); "
+                             "lower the batch size or read more samples")
+        if own < most:
+            spare = send_to_device(next(iter(loader_factory())), device)
+            was_training = model.training
+            model.eval()
+            for _ in range(most - own):
+                with autocast():
+                    forward_logits(model, spare)
+            model.train(was_training)
+    return recompute_bn(model, loader_factory, device, num_processes, autocast)
+
+
+def _count_batches(loader) -> int:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable without a length: count by reading it
+        return sum(1 for _ in loader)
+
+
+@torch.no_grad()
+def gather_full_state(averager: WeightAverager, model: nn.Module,
+                      process_index: int) -> Optional[dict[str, torch.Tensor]]:
+    """The averaged model's full state dict on rank 0 (clean names -> CPU tensors); None on other ranks.
+
+    Call it on every rank inside `swapped_in`, after the BN recompute: parameters come from the fp32
+    average (even when the model trains in bf16), buffers from the model (the recomputed statistics).
+    Each DTensor is gathered on its own (`full_tensor`), so a rank holds one full tensor at a time.
+    """
+    swap = getattr(averager.placement, "active_swap", None)
+    if swap is None or swap.model is not model:
+        raise RuntimeError("gather_full_state: call it inside swapped_in(averager, model), after the BN recompute, "
+                           "so the exported buffers are the averaged model's")
+    reshard_all(model)  # after a forward the root's parameters are full plain tensors, not DTensors
+    state: Optional[dict[str, torch.Tensor]] = {} if process_index == 0 else None
+    for key, value in model.state_dict().items():
+        name = clean_name(key)
+        average = swap.fp32_average.get(name)
+        if isinstance(value, DTensor):
+            local = value.to_local() if average is None else average.to(value.device)
+            full = DTensor.from_local(local, value.device_mesh, value.placements, run_check=False,
+                                      shape=value.shape, stride=value.stride()).full_tensor()
+        else:
+            full = value if average is None else average
+        if state is not None:
+            state[name] = full.detach().to("cpu", copy=True)
+    return state
+
+
+def shard_file(folder: str | Path, process_index: int, num_processes: int) -> Path:
+    return Path(folder) / SHARD_FILE.format(rank=process_index, world=num_processes)
+
+
+def save_shards(averager: WeightAverager, folder: str | Path, process_index: int, num_processes: int) -> Path:
+    """Writes this rank's averager state (its shards, `n_averaged`, ...) to its own file in `folder`."""
+    if getattr(averager.placement, "active_swap", None) is not None:
+        raise RuntimeError("save_shards: the average is swapped into the model; save after swapped_in exits")
+    shapes = {name: list(t.shape) for name, t in (averager.averaged or {}).items()}
+    path = shard_file(folder, process_index, num_processes)
+    torch.save({"process_index": process_index, "num_processes": num_processes, "shapes": shapes,
+                "averager": averager.state_dict()}, path)
+    return path
+
+
+def load_shards(averager: WeightAverager, folder: str | Path, process_index: int, num_processes: int) -> None:
+    """Restores this rank's averager state from `save_shards`, on the same number of ranks.
+
+    Raises:
+        ValueError: the checkpoint was written by a different number of ranks, or holds other shapes.
+    """
+    path = shard_file(folder, process_index, num_processes)
+    if not path.is_file():
+        worlds = sorted({int(m.group(2)) for p in Path(folder).iterdir() if (m := SHARD_FILE_PATTERN.match(p.name))})
+        found = f"shards of {worlds[0]} processes" if len(worlds) == 1 else "no sharded average"
+        raise ValueError(f"resume: {folder} holds {found}, this run has {num_processes}; a sharded average resumes "
+                         "only on the number of processes that saved it")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    shapes = {name: list(t.shape) for name, t in (averager.averaged or {}).items()}
+    if saved["shapes"] != shapes:
+        differ = sorted(n for n in set(shapes) | set(saved["shapes"]) if shapes.get(n) != saved["shapes"].get(n))
+        raise ValueError(f"resume: the saved average's shards differ from this model's on rank {process_index} "
+                         f"(e.g. {differ[:3]})")
+    averager.load_state_dict(saved["averager"])
+
+
+def register_shard_checkpointing(accelerator, averager: WeightAverager) -> tuple:
+    """Makes `accelerator.save_state` / `load_state` also save / restore each rank's shards.
+
+    Use it instead of `accelerator.register_for_checkpointing(averager)`, which saves rank 0's state
+    only and loads it on every rank (see the module docstring).
+
+    Returns:
+        The two hook handles (save, load); `.remove()` them to detach this averager.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def refuse_double_registration() -> None:
+        if any(obj is averager for obj in getattr(accelerator, "_custom_objects", [])):
+            raise RuntimeError("the sharded averager is also registered with register_for_checkpointing, which "
+                               "would load rank 0's shards on every rank; register it only here")
+
+    def save_hook(models, weights, output_dir) -> None:
+        refuse_double_registration()
+        save_shards(averager, output_dir, rank, world)
+
+    def load_hook(models, input_dir) -> None:
+        refuse_double_registration()
+        load_shards(averager, input_dir, rank, world)
+
+    refuse_double_registration()
+    return accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)

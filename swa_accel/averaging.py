@@ -72,17 +72,30 @@ class MainProcessPlacement:
                     torch.distributed.broadcast(target.data, src=0)
 
 
-def check_placement(distributed_type: str, zero_stage: Optional[int] = None) -> None:
-    """Refuses launches whose ranks hold only shards of the weights: `main` averages a full replica.
+def choose_placement(requested: str, distributed_type: str, zero_stage: Optional[int] = None,
+                     fsdp_version: Optional[int] = None) -> str:
+    """The placement a launch gets: `sharded` under FSDP2, `main` elsewhere (or what was asked, where it works).
 
-    Under FSDP or DeepSpeed ZeRO-3 rank 0's parameters are its shard, so its "average" would be an
-    average of a shard; no half-working path, a one-line error instead.
+    Under FSDP or DeepSpeed ZeRO-3 a rank's parameters are its shard, so `main` would average a shard: no
+    half-working path, a one-line error instead. FSDP2's parameters are DTensors whose local shards `sharded`
+    averages; FSDP1's flat parameters and ZeRO-3's partitions are refused.
+
+    Args:
+        requested: `swa_placement`: auto, main or sharded.
     """
-    if distributed_type == "FSDP" or (distributed_type == "DEEPSPEED" and zero_stage == 3):
-        sharding = "FSDP" if distributed_type == "FSDP" else "DeepSpeed ZeRO-3"
-        raise ValueError(f"swa_placement: {sharding} shards the weights across ranks, which the supported placement, "
-                         "'main' (a full fp32 copy on the main process: one device, DDP, ZeRO-1/2), cannot average; "
-                         "use DDP or ZeRO-2, or --swa_method none")
+    supported = "the supported placements are 'main' (one device, DDP, ZeRO-1/2) and 'sharded' (FSDP2)"
+    if distributed_type == "DEEPSPEED" and zero_stage == 3:
+        raise ValueError(f"swa_placement: DeepSpeed ZeRO-3 partitions the weights across ranks, which no placement "
+                         f"averages; {supported}: use ZeRO-2, FSDP2, or --swa_method none")
+    if distributed_type == "FSDP":
+        if fsdp_version != 2:
+            raise ValueError(f"swa_placement: FSDP version {fsdp_version} shards flat parameters, which no placement "
+                             f"averages; {supported}: set fsdp_version: 2 (accelerate_configs/fsdp2.yaml)")
+        if requested == "main":
+            raise ValueError("swa_placement: FSDP2 shards the weights across ranks, so 'main' would average rank "
+                             "0's shard; use 'sharded' (what 'auto' picks under FSDP2)")
+        return "sharded"
+    return "main" if requested == "auto" else requested
 
 
 def _broadcast_object(obj):
@@ -287,7 +300,9 @@ class WeightAverager:
             raise ValueError(f"ema_decays: checkpoint tracks {sorted(saved_emas)}, config says {sorted(self.emas)}")
         self.n_averaged = int(state["n_averaged"])
         device = self.placement.device
-        self.starts = {name: (int(n), None if snapshot is None else {k: v.to(device) for k, v in snapshot.items()})
+        # (accelerate hands every rank the main process's state: a rank without the copy keeps no snapshot either.)
+        self.starts = {name: (int(n), None if snapshot is None or self.averaged is None
+                              else {k: v.to(device) for k, v in snapshot.items()})
                        for name, (n, snapshot) in state.get("starts", {}).items()}
         with torch.no_grad():
             for tensors, saved in [(self.averaged, state["averaged"])] + [

@@ -140,7 +140,10 @@ class SWAArguments:
     selection_metric: str = _help(
         "Validation metric that picks the exported candidate: nll or ece (lower is better), accuracy or f1 "
         "(higher is better).", default="nll")
-    swa_placement: str = _help("main: only the main process keeps the averaged copy.", default="main")
+    swa_placement: str = _help(
+        "Where the fp32 average lives. auto: 'sharded' under FSDP2, else 'main'. main: one copy on the main "
+        "process. sharded: every rank averages its own shards (FSDP2; under DDP each rank averages its replica).",
+        default="auto")
     swa_offload_to_cpu: bool = _help("Keep the averaged copy in CPU memory.", default=False)
     bn_recompute_max_samples: Optional[int] = _help(
         "Training samples (all ranks together) of the BN recompute before an intermediate evaluation or "
@@ -184,8 +187,8 @@ class SWAArguments:
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(f"selection_metric: must be one of {', '.join(SELECTION_METRICS)}, "
                               f"got {self.selection_metric!r}")
-        if self.swa_placement not in ("main",):
-            raise ConfigError(f"swa_placement: only 'main' is available, got {self.swa_placement!r}")
+        if self.swa_placement not in ("auto", "main", "sharded"):
+            raise ConfigError(f"swa_placement: must be auto, main or sharded, got {self.swa_placement!r}")
         if self.bn_recompute_max_samples is not None and self.bn_recompute_max_samples < 1:
             raise ConfigError(f"bn_recompute_max_samples: must be >= 1, got {self.bn_recompute_max_samples}")
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .averaging import MainProcessPlacement, WeightAverager, check_placement
+from .averaging import MainProcessPlacement, WeightAverager, choose_placement, clean_name
 from .batches import forward_logits
 from .batchnorm import bn_order, recompute_bn, shard_loader
 from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, save_checkpoint
@@ -35,6 +35,8 @@ from .outputs import (MetricsLog, candidates_table, plot_curves, summary_table, 
                       write_resolved_config)
 from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
 from .selection import choose_candidate
+from .sharded import (ShardedPlacement, gather_full_state, local_shard, recompute_bn_sharded,
+                      register_shard_checkpointing, swapped_in)
 from .image_tensors import ImageTensorDataset
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
 
@@ -170,10 +172,19 @@ class Trainer:
         self.plan: TrainingPlan = make_plan(len(self.train_loader), training, swa)
         self.scheduler = make_scheduler(self.optimizer, self.plan, training, swa)
         self.averager: Optional[WeightAverager] = None
+        self.sharded = False  # the average lives in shards, used by swapping it into the model (sharded.py)
         if swa.enabled:
-            plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-            check_placement(accelerator.distributed_type.value, getattr(plugin, "zero_stage", None))
-            placement = MainProcessPlacement(accelerator.device, offload_to_cpu=swa.swa_offload_to_cpu)
+            deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+            fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+            try:
+                placement_name = choose_placement(swa.swa_placement, accelerator.distributed_type.value,
+                                                  getattr(deepspeed, "zero_stage", None),
+                                                  getattr(fsdp, "fsdp_version", None))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            self.sharded = placement_name == "sharded"
+            placement_type = ShardedPlacement if self.sharded else MainProcessPlacement
+            placement = placement_type(accelerator.device, offload_to_cpu=swa.swa_offload_to_cpu)
             self.check_selection()
             self.averager = WeightAverager(self.model, swa.swa_method, placement, accelerator.process_index,
                                            swa.ema_decay, swa.ema_warmup, swa.ema_buffers, swa.ema_decay_values())
@@ -186,7 +197,9 @@ class Trainer:
         self.loss_count = 0
         self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, written to final/timings.json
         accelerator.register_for_checkpointing(self.scheduler, self.state)
-        if self.averager is not None:
+        if self.averager is not None and self.sharded:
+            register_shard_checkpointing(accelerator, self.averager)  # one file per rank: each holds its own shards
+        elif self.averager is not None:
             accelerator.register_for_checkpointing(self.averager)
         self.metrics = load_metrics(list(task.metric_names), accelerator.main_process_first)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl")
@@ -251,9 +264,23 @@ class Trainer:
 
     # ----- the averaged model -------------------------------------------------------------
 
+    def bn_loader_factory(self, full_bn_pass: bool) -> Callable[[], Any]:
+        """This rank's share of a BN pass: a seeded permutation (new at every step), capped unless `full_bn_pass`."""
+        acc, step = self.accelerator, self.state.global_step
+        set_epoch(self.bn_view, step)
+        cap = None if full_bn_pass else self.swa.bn_recompute_max_samples
+
+        def loader():
+            order = bn_order(len(self.bn_view), self.training.seed, step)
+            return shard_loader(self.bn_view, self.training.per_device_train_batch_size, self.task.collate_fn,
+                                acc.num_processes, acc.process_index, self.num_workers(self.bn_view),
+                                order=order, max_samples=cap)
+
+        return loader
+
     def averaged_model(self, full_bn_pass: bool = False, candidate: Optional[str] = None) -> Optional[nn.Module]:
         """The averaged weights (or a candidate's) as an fp32 module on every rank, BN statistics recomputed;
-        None before averaging.
+        None before averaging. Main placement only (a sharded average is used in place: `average_in_model`).
 
         Intermediate uses recompute BN over `bn_recompute_max_samples` random training samples;
         `full_bn_pass` (the final export) reads the whole training set.
@@ -264,18 +291,51 @@ class Trainer:
         module = self.averager.materialize(self.task.build_model, acc.unwrap_model(self.model), acc.device,
                                            acc.num_processes, candidate)
         if self.swa.swa_method == "swa":
-            step = self.state.global_step
-            set_epoch(self.bn_view, step)
-            cap = None if full_bn_pass else self.swa.bn_recompute_max_samples
-
-            def loader():
-                order = bn_order(len(self.bn_view), self.training.seed, step)
-                return shard_loader(self.bn_view, self.training.per_device_train_batch_size, self.task.collate_fn,
-                                    acc.num_processes, acc.process_index, self.num_workers(self.bn_view),
-                                    order=order, max_samples=cap)
-
             with self.timed("bn_recompute"):
-                recompute_bn(module, loader, acc.device, acc.num_processes, acc.autocast)
+                recompute_bn(module, self.bn_loader_factory(full_bn_pass), acc.device, acc.num_processes,
+                             acc.autocast)
+        return module
+
+    @contextmanager
+    def average_in_model(self, full_bn_pass: bool = False, candidate: Optional[str] = None):
+        """Yields a module holding the average (or a candidate), BN recomputed, on every rank; None before averaging.
+
+        Main placement: a separate fp32 module (it outlives the block). Sharded placement: the training model
+        itself, with the averaged shards swapped in until the block ends (no full gather); its weights and
+        buffers are then restored bit for bit.
+        """
+        if not self.sharded or self.averager is None or self.averager.n_averaged == 0:
+            yield self.averaged_model(full_bn_pass, candidate)
+            return
+        acc = self.accelerator
+        with swapped_in(self.averager, self.model, candidate):
+            module = acc.unwrap_model(self.model)
+            if self.swa.swa_method == "swa":
+                with self.timed("bn_recompute"):
+                    recompute_bn_sharded(module, self.bn_loader_factory(full_bn_pass), acc.device,
+                                         acc.num_processes, acc.autocast)
+            yield module
+
+    def export_sharded_average(self, candidate: Optional[str]) -> Optional[nn.Module]:
+        """The sharded average gathered once into an fp32 module on the main process (None elsewhere), for saving."""
+        with self.average_in_model(full_bn_pass=True, candidate=candidate):
+            state = gather_full_state(self.averager, self.model, self.accelerator.process_index)
+        if state is None:
+            return None
+        module = self.task.build_model()
+        module.load_state_dict(state)
+        return module.float()
+
+    def base_for_export(self) -> Optional[nn.Module]:
+        """The last iterate as a module on the main process (FSDP: gathered once from the shards); None elsewhere."""
+        acc = self.accelerator
+        if acc.distributed_type.value != "FSDP":
+            return acc.unwrap_model(self.model) if acc.is_main_process else None
+        state = acc.get_state_dict(self.model)  # a collective under FSDP: every rank calls it
+        if not acc.is_main_process:
+            return None
+        module = self.task.build_model().to(self.dtype)
+        module.load_state_dict({clean_name(k): v for k, v in state.items()})
         return module
 
     @contextmanager
@@ -299,15 +359,19 @@ class Trainer:
             for split, loader in self.eval_loaders.items():
                 results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
         if final:
-            swa_module = self.choose_candidate()
-            if swa_module is not None:
+            swa_module = self.choose_candidate()  # (sharded: on the main process only)
+            if self.chosen is not None:
                 results["swa"] = self.candidates[self.chosen]["metrics"]
         else:
-            swa_module = self.averaged_model()
-            if swa_module is not None:
-                with self.timed("evaluation"):
-                    results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics)
-                                      for split, loader in self.eval_loaders.items()}
+            with self.average_in_model() as swa_module:
+                if swa_module is not None:
+                    # (A sharded average is evaluated in the training model, in its dtype.)
+                    dtype = self.input_dtype if self.sharded else None
+                    with self.timed("evaluation"):
+                        results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics, dtype)
+                                          for split, loader in self.eval_loaders.items()}
+            if self.sharded:
+                swa_module = None  # that was the training model; the checkpoint keeps the shards instead
         step, epoch = self.state.global_step, self.state.epoch
         if acc.is_main_process:
             scored = [(model_name, by_split, {}) for model_name, by_split in results.items()]
@@ -337,14 +401,15 @@ class Trainer:
             return None
         starts = dict(self.plan.candidates)
         best_module, validation = None, {}
+        dtype = self.input_dtype if self.sharded else None
         for name in self.averager.candidate_names():
             updates = self.averager.candidate_updates(name)
             if updates == 0:
                 continue
-            module = self.averaged_model(full_bn_pass=True, candidate=name)
-            with self.timed("evaluation"):
-                metrics = {split: evaluate_model(module, loader, self.accelerator, self.metrics)
-                           for split, loader in self.eval_loaders.items()}
+            with self.average_in_model(full_bn_pass=True, candidate=name) as module:
+                with self.timed("evaluation"):
+                    metrics = {split: evaluate_model(module, loader, self.accelerator, self.metrics, dtype)
+                               for split, loader in self.eval_loaders.items()}
             kind = "swa" if name in starts else "ema"
             self.candidates[name] = {
                 "kind": kind, "start_step": starts.get(name, self.plan.swa_start_step),
@@ -357,17 +422,19 @@ class Trainer:
                 best, self.reason = name, "the only candidate (no validation split)"
             else:
                 best, self.reason = choose_candidate(validation, self.swa.selection_metric)
-            if best == name:
+            if best == name and not self.sharded:
                 best_module = module
             del module
         self.chosen = best
         logger.info(f"chosen average: {self.chosen}: {self.reason}", main_process_only=True)
+        if self.sharded:  # the BN pass is seeded by the step, so this export is the module just scored
+            best_module = self.export_sharded_average(self.chosen)
         return best_module
 
     def checkpoint(self, swa_module: Optional[nn.Module]) -> None:
         """Saves the training state; once averaging has begun, also the BN-recomputed averaged model."""
         self.read_health(weights=True)  # a diverged state must never replace a good checkpoint
-        if swa_module is None:
+        if swa_module is None and not self.sharded:  # (sharded: the shards are in the checkpoint, no full model)
             swa_module = self.averaged_model()
         writer = None
         if swa_module is not None:
@@ -417,7 +484,7 @@ class Trainer:
         skipped = self.averager.nonfinite_seen.to(acc.device) if self.averager is not None else zero
         bad_weights = zero
         if weights:
-            norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+            norms = torch._foreach_norm([local_shard(p.detach()) for p in self.model.parameters()])
             bad_weights = ~torch.stack(norms).float().sum().isfinite()
         values = acc.reduce(torch.stack([self.loss_sum / max(self.loss_count, 1), skipped.float(),
                                          bad_weights.float()]), reduction="sum").tolist()
@@ -536,9 +603,10 @@ class Trainer:
         if self.checkpoint_due(epoch_end=self.state.batches_in_epoch == 0):
             self.checkpoint(swa_module)
         final_dir = self.output_dir / "final"
+        base = self.base_for_export()
         if acc.is_main_process:
-            self.task.save_model(acc.unwrap_model(self.model), final_dir / "base")
-            if swa_module is not None:
+            self.task.save_model(base, final_dir / "base")
+            if swa_module is not None:  # on the main process, the chosen average with BN recomputed
                 self.task.save_model(swa_module, final_dir / "swa")
                 write_candidates(final_dir / "candidates.json", self.candidates, self.chosen, self.reason,
                                  self.task.validation_split, self.swa.selection_metric)

@@ -47,7 +47,7 @@ def test_invalid_values_name_the_field(argv, field):
 
 
 def records(nll_by_epoch):
-    return [{"step": 10 * e, "epoch": e, "model": "base", "split": "test", "nll": v, "accuracy": 0.5}
+    return [{"step": 10 * e, "epoch": e, "model": "base", "split": "validation", "nll": v, "accuracy": 0.5}
             for e, v in enumerate(nll_by_epoch, start=1)]
 
 
@@ -60,7 +60,7 @@ def test_choose_start_finds_where_validation_loss_turns_up(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in records([0.9, 0.4, 0.6])))
     assert choose_start_main([str(path)]) == 0
     assert "override: --swa_start_epoch 2" in capsys.readouterr().out
-    assert choose_start_main([str(path), "--split", "validation"]) == 2
+    assert choose_start_main([str(path), "--split", "valid"]) == 2  # a split it did not log
 
 
 def test_launch_guard_refuses_a_launch_whose_processes_did_not_join(monkeypatch, tmp_path):
@@ -73,7 +73,7 @@ def test_launch_guard_refuses_a_launch_whose_processes_did_not_join(monkeypatch,
 def test_none_on_the_command_line_unsets_an_optional_value_the_yaml_set(tmp_path):
     path = ROOT / "recipes" / "vision" / "configs" / "digits_small_cnn.yaml"
     _, _, training, swa = parse_config(VISION, ["--config", str(path)])
-    assert swa.swa_start_epoch == 30 and swa.swa_lr == 0.05 and swa.bn_recompute_max_samples == 4096
+    assert swa.swa_start_epoch == 10 and swa.swa_lr == 0.05 and swa.bn_recompute_max_samples == 512
     _, _, training, swa = parse_config(VISION, ["--config", str(path), "--swa_start_epoch", "none",
                                                 "--swa_lr=NULL", "--bn-recompute-max-samples", "None",
                                                 "--swa_start_step", "100", "--seed", "3"])
@@ -115,12 +115,20 @@ def test_an_fsdp_or_deepspeed_request_that_accelerate_dropped_is_refused():
     refuse_silent_downgrade(DistributedType.MULTI_CPU, {"ACCELERATE_USE_FSDP": "false"})
 
 
-def test_sharded_launches_are_refused_by_the_main_placement():
-    from swa_accel.averaging import check_placement
+def test_the_placement_follows_the_launch_and_refuses_what_no_placement_averages():
+    from swa_accel.averaging import choose_placement
 
-    for distributed_type, stage in (("FSDP", None), ("DEEPSPEED", 3)):
-        with pytest.raises(ValueError, match=r"^swa_placement: .* shards the weights across ranks, which the "
-                                             r"supported placement, 'main'"):
-            check_placement(distributed_type, stage)
+    assert choose_placement("auto", "FSDP", fsdp_version=2) == "sharded"
+    assert choose_placement("sharded", "FSDP", fsdp_version=2) == "sharded"
     for distributed_type, stage in (("NO", None), ("MULTI_GPU", None), ("MULTI_CPU", None), ("DEEPSPEED", 2)):
-        check_placement(distributed_type, stage)
+        assert choose_placement("auto", distributed_type, stage) == "main"
+        assert choose_placement("sharded", distributed_type, stage) == "sharded"  # each rank: its replica
+    with pytest.raises(ValueError, match=r"^swa_placement: FSDP2 shards the weights across ranks, so 'main' would"):
+        choose_placement("main", "FSDP", fsdp_version=2)
+    with pytest.raises(ValueError, match=r"^swa_placement: FSDP version 1 shards flat parameters, which no "
+                                         r"placement averages; the supported placements are 'main' .* and "
+                                         r"'sharded' \(FSDP2\): set fsdp_version: 2"):
+        choose_placement("auto", "FSDP", fsdp_version=1)
+    with pytest.raises(ValueError, match=r"^swa_placement: DeepSpeed ZeRO-3 partitions the weights across ranks, "
+                                         r"which no placement averages; the supported placements are"):
+        choose_placement("auto", "DEEPSPEED", 3)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from swa_accel import MainProcessPlacement, SWAArguments, TrainingArguments, WeightAverager, recompute_bn
 from swa_accel.batchnorm import shard_loader
+from swa_accel.launch import end_process
 from swa_accel.schedule import make_plan, make_scheduler
 
 
@@ -97,10 +98,11 @@ def main() -> None:
     if accelerator.is_main_process:
         save_file({k: v.cpu() for k, v in swa_model.state_dict().items()}, str(output / "swa.safetensors"))
         print(f"swa test accuracy {correct / total:.4f} over {total} images; {averager.n_averaged} snapshots averaged")
-    # Every rank leaves together and the process group is torn down before exit (a gloo rank that exits while
-    # the group lives can abort at interpreter shutdown).
+    # Every rank leaves together. On CPU processes (gloo) end_process then skips the interpreter's teardown,
+    # where torch 2.13's gloo can deadlock or abort after all the work is done.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    end_process(0)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from .batchnorm import recompute_bn
 from .config import ConfigError, SWAArguments, TrainingArguments, parse_config
 from .launch import make_accelerator
 from .loop import Task, Trainer, train
+from .sharded import ShardedPlacement
 
 __all__ = [
-    "ConfigError", "MainProcessPlacement", "SWAArguments", "Task", "Trainer", "TrainingArguments", "WeightAverager",
+    "ConfigError", "MainProcessPlacement", "SWAArguments", "ShardedPlacement", "Task", "Trainer", "TrainingArguments",
+    "WeightAverager",
     "make_accelerator", "parse_config", "recompute_bn", "train",
 ]

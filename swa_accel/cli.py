@@ -7,6 +7,7 @@ import sys
 from typing import Callable, Optional
 
 from .config import ConfigError, first_line
+from .launch import end_process
 from .loop import Trainer, TrainingDiverged
 
 #: Set to 1 to see the full traceback instead of the one-line error.
@@ -32,11 +33,13 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
             raise  # the whole traceback, for debugging
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line is enough
             print(f"error: {first_line(error)}", file=sys.stderr)
-        sys.exit(1)
+        end_process(1)
     try:
-        return trainer.run()
+        results = trainer.run()
     except TrainingDiverged as error:
         trainer.accelerator.end_training()
         if trainer.accelerator.is_main_process:
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        end_process(1)
+    end_process(0)  # (a multi-process CPU run leaves here, past gloo's teardown)
+    return results

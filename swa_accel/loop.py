@@ -373,10 +373,11 @@ class Trainer:
             if self.sharded:
                 swa_module = None  # that was the training model; the checkpoint keeps the shards instead
         step, epoch = self.state.global_step, self.state.epoch
+        # Every candidate's scores, when there was a choice (a single candidate is the "swa" record itself).
+        choice = self.candidates if final and len(self.candidates) > 1 else {}
         if acc.is_main_process:
             scored = [(model_name, by_split, {}) for model_name, by_split in results.items()]
-            if final:
-                scored += [("candidate", c["metrics"], {"candidate": name}) for name, c in self.candidates.items()]
+            scored += [("candidate", c["metrics"], {"candidate": name}) for name, c in choice.items()]
             for model_name, by_split, extra in scored:
                 for split, values in by_split.items():
                     record = {"step": step, "epoch": epoch, "model": model_name, "split": split, **values,
@@ -385,8 +386,10 @@ class Trainer:
                     if final:
                         record["final"] = True
                     self.log.append(record)
-        acc.log({f"{m}/{s}/{k}": v for m, by in results.items() for s, vals in by.items() for k, v in vals.items()},
-                step=step)
+        scalars = {f"{m}/{s}/{k}": v for m, by in results.items() for s, vals in by.items() for k, v in vals.items()}
+        scalars.update({f"candidates/{name}/{s}/{k}": v for name, c in choice.items()
+                        for s, vals in c["metrics"].items() for k, v in vals.items()})
+        acc.log(scalars, step=step)
         return results, swa_module
 
     def choose_candidate(self) -> Optional[nn.Module]:

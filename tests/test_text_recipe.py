@@ -149,7 +149,7 @@ def test_end_to_end_two_processes_mrpc(glue_dir, tiny_bert, tmp_path):
     result = launch(SCRIPT, data_args(glue_dir, tiny_bert, "mrpc") + E2E_ARGS + ["--output_dir", str(out)],
                     num_processes=2)
     # Only the main process prints the closing table.
-    assert result.stdout.count("final evaluation (base = last iterate, swa = averaged model)") == 1
+    assert result.stdout.count("final evaluation (base = last iterate, swa = the chosen average)") == 1
     check_run(out, glue_dir, "mrpc", num_processes=2, steps_per_epoch=N_TRAIN // 16 // 2)
 
 

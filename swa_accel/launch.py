@@ -107,21 +107,22 @@ def make_accelerator(training: TrainingArguments) -> Accelerator:
 
 
 def end_process(code: int = 0) -> None:
-    """Ends this process with `code`; a process of a multi-process CPU (gloo) run skips the interpreter's teardown.
+    """Ends this process: `sys.exit(code)` for a failure; for success a plain return, except in a multi-process
+    CPU (gloo) run, which flushes its output and leaves at once, past the interpreter's teardown.
 
     With torch 2.13, tearing down a gloo process group at exit can deadlock (the main thread, holding the GIL,
     joins a gloo worker thread that needs the GIL to free the last collective's tensors; seen with py-spy) or
-    abort ("terminate called without an active exception"), after all the work is done: about 1 exit in 6 on
-    2 CPU cores. Such a process flushes its output and leaves at once, with the same exit status. Anywhere
-    else (one process, GPUs with NCCL) this is `sys.exit(code)` for a failure and a plain return for success.
+    abort ("terminate called without an active exception"), after all the work is done. Call it only once every
+    rank is past its last collective and has printed what it prints. A failure keeps the normal exit: the rank
+    that prints the error line may be slower than the others, and the launcher stops the rest once one fails.
     """
     import logging
     import sys
 
+    if code:
+        sys.exit(code)
     if launched_world_size() > 1 and not has_accelerator_device():
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
-        os._exit(code)
-    if code:
-        sys.exit(code)
+        os._exit(0)

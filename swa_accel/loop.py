@@ -359,7 +359,7 @@ class Trainer:
             for split, loader in self.eval_loaders.items():
                 results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
         if final:
-            swa_module = self.choose_candidate()  # (sharded: on the main process only)
+            swa_module = self.score_candidates()  # (sharded: on the main process only)
             if self.chosen is not None:
                 results["swa"] = self.candidates[self.chosen]["metrics"]
         else:
@@ -392,17 +392,17 @@ class Trainer:
         acc.log(scalars, step=step)
         return results, swa_module
 
-    def choose_candidate(self) -> Optional[nn.Module]:
+    def score_candidates(self) -> Optional[nn.Module]:
         """Scores every candidate average (full BN pass each) and returns the module of the best one.
 
         The choice reads the validation split only; the other splits are evaluated for the report. One
         candidate module exists at a time besides the best so far. Sets `candidates` and `chosen`.
         """
-        self.candidates: dict[str, dict] = {}
-        self.chosen: Optional[str] = None
+        self.candidates, self.chosen = {}, None
         if self.averager is None or self.averager.n_averaged == 0:
             return None
         starts = dict(self.plan.candidates)
+        decays = {self.averager.ema_name(decay): decay for decay in self.averager.emas}
         best_module, validation = None, {}
         dtype = self.input_dtype if self.sharded else None
         for name in self.averager.candidate_names():
@@ -417,7 +417,7 @@ class Trainer:
             self.candidates[name] = {
                 "kind": kind, "start_step": starts.get(name, self.plan.swa_start_step),
                 "start_epoch": starts.get(name, self.plan.swa_start_step) / self.plan.steps_per_epoch,
-                "decay": None if kind == "swa" else float(name.split("_", 1)[1]),
+                "decay": decays.get(name),
                 "n_averaged": updates, "metrics": metrics}
             split = self.task.validation_split
             validation[name] = metrics[split] if split is not None else {}

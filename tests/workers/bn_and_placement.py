@@ -5,7 +5,6 @@ Writes a JSON report to argv[1] from rank 0; exits non-zero on any failed check.
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from swa_accel.averaging import MainProcessPlacement, WeightAverager  # noqa: E402
 from swa_accel.batchnorm import bn_order, recompute_bn, shard_loader  # noqa: E402
 from swa_accel.config import TrainingArguments  # noqa: E402
-from swa_accel.launch import make_accelerator  # noqa: E402
+from swa_accel.launch import end_process, make_accelerator  # noqa: E402
 
 
 class DictDataset(torch.utils.data.Dataset):
@@ -98,12 +97,7 @@ def main():
         report_path.write_text(json.dumps(report))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tears the gloo group down before exit
-    # torch 2.13's gloo can abort at interpreter teardown (a worker thread still destroying the last collective
-    # needs the GIL; about 1 exit in 6, see tests/workers/fsdp2_averaging.py). Every check is done and the
-    # report written, so leave without the teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_process(0)  # every check is done and the report written: leave past gloo's teardown (see its docstring)
 
 
 if __name__ == "__main__":

@@ -205,8 +205,7 @@ class WeightAverager:
             # about 1e19, where the sum of squares overflows: diverged all the same.)
             finite = torch.stack(torch._foreach_norm(sources)).sum().isfinite()
             self.nonfinite_seen |= ~finite
-            masked = torch._foreach_mul([s.view(torch.int32) for s in sources], finite.to(torch.int32))
-            sources = [m.view(torch.float32) for m in masked]
+            sources = self._zeroed_unless(finite, sources)
             if self.n_averaged == 0:
                 weight = 1.0
             elif self.method == "swa":
@@ -214,10 +213,36 @@ class WeightAverager:
             else:
                 weight = 1.0 - self._decay()
             moves = finite.to(torch.float32)
-            torch._foreach_lerp_(self._targets, sources, moves * weight)
+            self._lerp(self._targets, sources, moves * self._weight(weight))
             for decay, targets in self._ema_targets.items():
-                torch._foreach_lerp_(targets, sources, moves * (1.0 if self.n_averaged == 0 else 1.0 - decay))
+                self._lerp(targets, sources, moves * self._weight(1.0 if self.n_averaged == 0 else 1.0 - decay))
         self.n_averaged += 1
+
+    def _weight(self, value: float):
+        """An update weight as the graph should see it: a plain number, or on XLA a tensor of its own.
+
+        XLA folds 0 and 1 into the graph as constants and shares one input among equal numbers, so a Python float
+        that changes at every update (1/n) would now and then give a graph never seen before: a new compile.
+        """
+        if self.placement.device.type == "xla":
+            return torch.tensor(value, dtype=torch.float32, device=self.placement.device)
+        return value
+
+    def _zeroed_unless(self, finite: torch.Tensor, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The sources where `finite` holds, else zeros, decided on the device."""
+        if self.placement.device.type == "xla":
+            # XLA copies an integer view of a float tensor to the host; a select stays on the device.
+            return [torch.where(finite, s, 0.0) for s in sources]
+        masked = torch._foreach_mul([s.view(torch.int32) for s in sources], finite.to(torch.int32))
+        return [m.view(torch.float32) for m in masked]
+
+    def _lerp(self, targets: list[torch.Tensor], sources: list[torch.Tensor], weight: torch.Tensor) -> None:
+        if self.placement.device.type == "xla":
+            # XLA decomposes a foreach lerp with a tensor weight through a host read (pytorch/xla#7923).
+            for target, source in zip(targets, sources):
+                target.lerp_(source, weight)
+            return
+        torch._foreach_lerp_(targets, sources, weight)
 
     # ----- candidates ----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .batches import forward_logits
 from .seeding import loader_generator
+from .xla import mark_step
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -92,12 +93,17 @@ def recompute_bn(
     momenta = [m.momentum for m in layers]
     for layer in layers:
         layer.reset_running_stats()
-        layer.momentum = None  # None turns the running stats into a cumulative average over batches
     module.train()
     seen = 0
     for batch in loader_factory():
+        # A cumulative average over batches: batch k weighs 1/k. This is what momentum None does, but there each
+        # layer reads its batch count from the device at every batch (a wait on a GPU, a transfer under XLA).
+        for layer in layers:
+            layer.momentum = 1.0 / (seen + 1)
         with autocast():
             forward_logits(module, send_to_device(batch, device))
+        if device.type == "xla":
+            mark_step()  # one graph per batch shape, reused by every pass (else the whole pass is one trace)
         seen += 1
     # Each rank holds averages over its own `seen` batches; weight them by batch count and sum.
     sums = [torch.cat([m.running_mean.float() * seen, m.running_var.float() * seen]) for m in layers]

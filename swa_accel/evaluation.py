@@ -56,10 +56,13 @@ def predict(model: torch.nn.Module, loader, accelerator, input_dtype: Optional[t
         with accelerator.autocast():
             logits, labels = forward_logits(model, batch, input_dtype)
         logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
+        all_logits.append(logits)
+        all_labels.append(labels)
     model.train(was_training)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    if not all_logits:
+        raise ValueError("evaluation: the evaluation loader gave no batch")
+    # One copy to the host for the whole split: no batch waits for the device.
+    return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
 
 
 def evaluate_model(model, loader, accelerator, metrics: dict, input_dtype: Optional[torch.dtype] = None) -> dict:

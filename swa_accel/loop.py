@@ -39,6 +39,7 @@ from .sharded import (ShardedPlacement, gather_full_state, local_shard, recomput
                       register_shard_checkpointing, swapped_in)
 from .image_tensors import ImageTensorDataset
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
+from .xla import PhaseCounters, expose_loader_dataset, is_xla, mark_step, on_host, refuse_bf16_storage
 
 logger = get_logger(__name__)
 
@@ -61,7 +62,8 @@ class Task:
         primary_metric: the metric plotted in curves.png.
         validation_split: the eval split that model selection reads (the choice among SWA candidates);
             never a split that results are reported on. None: the data has none.
-        drop_last: drop the last incomplete training batch (static shapes, e.g. under XLA).
+        drop_last: drop the last incomplete training batch (static shapes); always on under XLA, where a
+            new batch shape compiles a new graph.
         random_transforms: the training dataset draws from the torch RNG per sample (random
             augmentation); the loop then seeds each sample from (seed, epoch, index) with
             `SeededView`. An `ImageTensorDataset` seeds its own augmentation and ignores this.
@@ -147,6 +149,9 @@ class Trainer:
             if accelerator.is_main_process:
                 for path in previous:
                     shutil.rmtree(path)
+        self.xla = is_xla(accelerator)
+        if self.xla:
+            refuse_bf16_storage(swa.enabled)
         self.dtype = DTYPES[training.model_dtype]
         self.input_dtype = None if self.dtype == torch.float32 else self.dtype
 
@@ -159,7 +164,7 @@ class Trainer:
         self.bn_view = seeded_dataset(task, training.seed, BN_STREAM)
         train_loader = DataLoader(self.train_view, batch_size=training.per_device_train_batch_size, shuffle=True,
                                   collate_fn=task.collate_fn, num_workers=self.num_workers(task.train_dataset),
-                                  generator=loader_generator(training.seed), drop_last=task.drop_last,
+                                  generator=loader_generator(training.seed), drop_last=task.drop_last or self.xla,
                                   pin_memory=self.pin_memory(task.train_dataset))
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
         self.eval_loaders = {
@@ -169,6 +174,9 @@ class Trainer:
                                                  pin_memory=self.pin_memory(ds)))
             for name, ds in task.eval_datasets.items()
         }
+        if self.xla:
+            for loader in (self.train_loader, *self.eval_loaders.values()):
+                expose_loader_dataset(loader)
         self.plan: TrainingPlan = make_plan(len(self.train_loader), training, swa)
         self.scheduler = make_scheduler(self.optimizer, self.plan, training, swa)
         self.averager: Optional[WeightAverager] = None
@@ -196,6 +204,8 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.loss_count = 0
         self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, written to final/timings.json
+        # XLA's compile and transfer counts per phase, written to final/xla_counters.json.
+        self.xla_counters = PhaseCounters() if self.xla else None
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         if self.averager is not None and self.sharded:
             register_shard_checkpointing(accelerator, self.averager)  # one file per rank: each holds its own shards
@@ -248,6 +258,10 @@ class Trainer:
         if not tensors:
             return
         device = self.accelerator.device
+        if self.xla:
+            # XLA: batches are built on the host and accelerate's loader wrapper copies them in, in a background
+            # thread; a batch already on the XLA device makes that copy fail.
+            device = torch.device("cpu")
         on_device = keep_on_device(sum(ds.nbytes for ds in tensors), device, self.training.data_placement)
         for ds in tensors:
             ds.place(device, on_device)
@@ -341,8 +355,18 @@ class Trainer:
     @contextmanager
     def timed(self, phase: str):
         start = time.perf_counter()
-        yield
+        with self.counted(phase):
+            yield
         self.timings[phase] += time.perf_counter() - start
+
+    @contextmanager
+    def counted(self, phase: str):
+        """Attributes XLA's compiles and transfers inside the block to `phase` (nothing to count elsewhere)."""
+        if self.xla_counters is None:
+            yield
+            return
+        with self.xla_counters.phase(phase):
+            yield
 
     # ----- evaluation and checkpoints ----------------------------------------------------
 
@@ -441,11 +465,19 @@ class Trainer:
             swa_module = self.averaged_model()
         writer = None
         if swa_module is not None:
-            writer = lambda folder: self.task.save_model(swa_module, folder / "swa_model")  # noqa: E731
+            writer = lambda folder: self.save_model(swa_module, folder / "swa_model")  # noqa: E731
         with self.timed("checkpointing"):
             path = save_checkpoint(self.accelerator, self.checkpoint_root, self.state.global_step,
                                    self.training.checkpoints_total_limit, writer)
         logger.info(f"saved checkpoint {path}")
+
+    def save_model(self, module: nn.Module, folder: Path) -> None:
+        """The task's `save_model`; on XLA from host memory, since the files are written from there."""
+        if not self.xla:
+            self.task.save_model(module, folder)
+            return
+        with on_host(module, self.accelerator.device):
+            self.task.save_model(module, folder)
 
     def eval_due(self, epoch_end: bool) -> bool:
         if self.training.eval_steps is not None:
@@ -483,15 +515,18 @@ class Trainer:
         `weights`, a norm of the model's weights (before anything is saved from them).
         """
         acc = self.accelerator
+        if self.xla:
+            mark_step()  # the steps' pending work runs as its own graph, not folded into this read's
         zero = torch.zeros((), device=acc.device)
         skipped = self.averager.nonfinite_seen.to(acc.device) if self.averager is not None else zero
         bad_weights = zero
         if weights:
             norms = torch._foreach_norm([local_shard(p.detach()) for p in self.model.parameters()])
             bad_weights = ~torch.stack(norms).float().sum().isfinite()
-        values = acc.reduce(torch.stack([self.loss_sum / max(self.loss_count, 1), skipped.float(),
-                                         bad_weights.float()]), reduction="sum").tolist()
-        mean_loss = values[0] / acc.num_processes
+        # The loss sum, not a mean: a step count in the graph would make XLA compile one graph per count.
+        values = acc.reduce(torch.stack([self.loss_sum, skipped.float(), bad_weights.float()]),
+                            reduction="sum").tolist()
+        mean_loss = values[0] / (max(self.loss_count, 1) * acc.num_processes)  # (every rank counts the same steps)
         problems = [what for what, bad in (
             (f"the training loss is {mean_loss}", not math.isfinite(mean_loss)),
             ("an averaging update met non-finite weights and skipped them", values[1] > 0),
@@ -515,8 +550,13 @@ class Trainer:
         step = self.state.global_step
         if step % self.training.logging_steps and step < self.plan.total_steps:
             return
-        mean_loss = self.read_health(weights=False)
+        if self.xla_counters is not None:
+            self.xla_counters.mark("log_intervals", step=step)
+        with self.counted("logging"):
+            mean_loss = self.read_health(weights=False)
         self.loss_sum.zero_()
+        if self.xla:
+            mark_step()  # (else the zeroing joins the next step's graph: one more graph to compile)
         self.loss_count = 0
         lr = self.current_lr()
         progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}")
@@ -542,15 +582,23 @@ class Trainer:
             self.plan.update_after_step(self.state.global_step)
             or (epoch_end and self.plan.update_at_epoch_end(self.state.global_step))
         ):
+            if self.xla:
+                mark_step()  # XLA: the step and the update as two graphs, the same two at every update
             with self.timed("averaging_updates"):
                 self.averager.update(self.model)
+                if self.xla:
+                    mark_step()
+        if epoch_end and self.xla_counters is not None:
+            self.xla_counters.mark("epochs", epoch=self.state.epoch)
         if self.state.global_step >= self.plan.total_steps:
             return  # the last step's evaluation and checkpoint happen in finish()
         swa_module = None
         if self.eval_due(epoch_end):
-            _, swa_module = self.evaluate()
+            with self.counted("evaluation"):  # (its health read, BN pass and scoring included)
+                _, swa_module = self.evaluate()
         if self.checkpoint_due(epoch_end) or self.state.global_step == self.training.stop_after_step:
-            self.checkpoint(swa_module)
+            with self.counted("checkpointing"):
+                self.checkpoint(swa_module)
 
     def run(self) -> dict:
         acc, plan = self.accelerator, self.plan
@@ -560,6 +608,9 @@ class Trainer:
         progress = tqdm(total=plan.total_steps, initial=self.state.global_step,
                         disable=not acc.is_local_main_process, desc="train")
         self.model.train()
+        if self.xla_counters is not None:  # open the per-epoch and per-log intervals of training counts
+            self.xla_counters.mark("epochs", epoch=self.state.epoch)
+            self.xla_counters.mark("log_intervals", step=self.state.global_step)
         try:
             stopped = self.train_loop(progress)
         finally:
@@ -604,18 +655,25 @@ class Trainer:
         with self.timed("final_evaluation"):  # includes scoring every candidate average
             results, swa_module = self.evaluate(final=True)
         if self.checkpoint_due(epoch_end=self.state.batches_in_epoch == 0):
-            self.checkpoint(swa_module)
+            with self.counted("checkpointing"):
+                self.checkpoint(swa_module)
         final_dir = self.output_dir / "final"
-        base = self.base_for_export()
+        with self.counted("export"):
+            base = self.base_for_export()
+            if acc.is_main_process:
+                self.save_model(base, final_dir / "base")
+                if swa_module is not None:  # on the main process, the chosen average with BN recomputed
+                    self.save_model(swa_module, final_dir / "swa")
         if acc.is_main_process:
-            self.task.save_model(base, final_dir / "base")
-            if swa_module is not None:  # on the main process, the chosen average with BN recomputed
-                self.task.save_model(swa_module, final_dir / "swa")
+            if swa_module is not None:
                 write_candidates(final_dir / "candidates.json", self.candidates, self.chosen, self.reason,
                                  self.task.validation_split, self.swa.selection_metric)
             (final_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
             # Phase timings of this process (total = the training loop, before the final evaluation).
             (final_dir / "timings.json").write_text(json.dumps(self.timings, indent=2), encoding="utf-8")
+            if self.xla_counters is not None:  # graphs compiled and device-to-host copies, per phase
+                (final_dir / "xla_counters.json").write_text(json.dumps(self.xla_counters.report(), indent=2),
+                                                             encoding="utf-8")
             if self.training.plot:
                 lrs = [lr_factor(s, self.plan, self.training, self.swa) * self.training.learning_rate
                        for s in range(self.plan.total_steps)]

@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
 from swa_accel.config import ConfigError, first_line, resolved_config  # noqa: E402
+from swa_accel.xla import is_xla  # noqa: E402
 
+from recipes.text import static_attention  # noqa: E402
 from recipes.text.data import TextDataArguments, load_text_data, padding_plan  # noqa: E402
 
 #: GLUE reports Matthews correlation for CoLA; every task also gets accuracy, F1 (macro for >2
@@ -126,11 +128,9 @@ def make_save_model(tokenizer):
 
 def device_padding_plan(accelerator, data_args: TextDataArguments) -> tuple[bool, Optional[int]]:
     """`padding_plan` for the accelerator's device: (static_shapes, pad_to_multiple_of)."""
-    from accelerate.utils import DistributedType
-
     return padding_plan(
         data_args.pad_to_max_length,
-        is_xla=accelerator.distributed_type == DistributedType.XLA,
+        is_xla=is_xla(accelerator),
         is_cuda=accelerator.device.type == "cuda",
     )
 
@@ -151,6 +151,8 @@ def setup(argv: list[str]):
     data = load_text_data(data_args, tokenizer, main_process_first=accelerator.main_process_first,
                           pad_to_multiple_of=pad_to_multiple_of, static_shapes=static_shapes)
     model_config = load_model_config(model_args, path, data.label_names)
+    # Under XLA, SDPA that never asks the device whether it may skip the padding mask (static_attention.py).
+    attention = {"attn_implementation": static_attention.register()} if is_xla(accelerator) else {}
 
     built: list = []
 
@@ -158,10 +160,11 @@ def setup(argv: list[str]):
         # The first call (right after set_seed) loads the pretrained weights and seeds the new head;
         # later calls only need the architecture, since the loop loads a full state dict into it.
         if built or model_args.train_from_scratch:
-            model = AutoModelForSequenceClassification.from_config(built[0].config if built else model_config)
+            model = AutoModelForSequenceClassification.from_config(built[0].config if built else model_config,
+                                                                   **attention)
         else:
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(path, config=model_config)
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=model_config, **attention)
             except OSError as error:
                 raise ValueError(f"model_name_or_path: cannot load weights from {path!r}: {first_line(error)}") \
                     from None

@@ -5,28 +5,44 @@
 #   ./run.sh RECIPE.yaml [--key value ...]     # any recipe config (from anywhere, see its `recipe:` key), with overrides
 #   ./run.sh --accelerate_config accelerate_configs/cpu_2proc.yaml RECIPE.yaml ...
 #   ./run.sh test [pytest args]                # the test suite
+#   ./run.sh test-xla [pytest args]            # the XLA suite (tests/xla) on XLA's CPU device, in .venv-xla
 #
 # On first use it builds its own virtualenv (.venv, or $SWA_ACCEL_VENV) from requirements.txt and
-# rebuilds it whenever requirements.txt changes.
+# rebuilds it whenever requirements.txt changes. The XLA suite gets its own (.venv-xla, or $SWA_ACCEL_XLA_VENV):
+# requirements.txt with torch_xla's latest release and the torch it is built for (a CUDA build, about 7 GB).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CALLER_DIR="$PWD"  # relative paths on the command line are the caller's
 VENV="${SWA_ACCEL_VENV:-$ROOT/.venv}"
+XLA_VENV="${SWA_ACCEL_XLA_VENV:-$ROOT/.venv-xla}"
+XLA_PINS=("torch==2.9.0" "torch_xla==2.9.0")  # torch_xla's latest release needs exactly this torch
 DEFAULT_RECIPE="$ROOT/recipes/vision/configs/digits_small_cnn.yaml"
 cd "$ROOT"
 
-ensure_venv() {
-  local want stamp="$VENV/.requirements.sha256"
-  want="$(sha256sum requirements.txt | cut -d' ' -f1)"
-  if [[ -x "$VENV/bin/python" && "$(cat "$stamp" 2>/dev/null)" == "$want" ]]; then
+# build_venv DIR: (re)builds DIR from the requirements read on standard input, unless it was built from them.
+build_venv() {
+  local venv="$1" stamp="$1/.requirements.sha256" requirements want
+  requirements="$(cat)"
+  want="$(sha256sum <<< "$requirements" | cut -d' ' -f1)"
+  if [[ -x "$venv/bin/python" && "$(cat "$stamp" 2>/dev/null)" == "$want" ]]; then
     return
   fi
-  echo "run.sh: building $VENV from requirements.txt (first use only)" >&2
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+  echo "run.sh: building $venv (first use only)" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -r /dev/stdin <<< "$requirements"
   echo "$want" > "$stamp"
+}
+
+ensure_venv() {
+  build_venv "$VENV" < requirements.txt
+}
+
+# requirements.txt with its torch pin replaced by XLA_PINS. This machine's pip may cap torch at the release it
+# keeps on disk (PIP_CONSTRAINT); that cap is lifted for this venv only.
+ensure_xla_venv() {
+  { grep -v '^torch==' requirements.txt; printf '%s\n' "${XLA_PINS[@]}"; } | PIP_CONSTRAINT= build_venv "$XLA_VENV"
 }
 
 default_accelerate_config() {
@@ -58,8 +74,15 @@ print(data.get("recipe", "") if isinstance(data, dict) else "")' "$config" 2>/de
   fi
 }
 
-ensure_venv
 export HF_HUB_DISABLE_TELEMETRY=1
+if [[ "${1:-}" == "test-xla" ]]; then
+  shift
+  ensure_xla_venv
+  # XLA on the CPU (PJRT_DEVICE=CPU): the same lazy tensors, graphs and counters as on a TPU, with no TPU.
+  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PJRT_DEVICE=CPU
+  exec "$XLA_VENV/bin/python" -m pytest tests/xla "$@"
+fi
+ensure_venv
 
 if [[ "${1:-}" == "test" ]]; then
   shift

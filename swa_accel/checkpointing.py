@@ -75,7 +75,9 @@ def save_checkpoint(accelerator, checkpoint_root: Path, global_step: int, keep: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    # Under XLA the training state goes in torch's format: safetensors' loader reads the memory address of each
+    # tensor of the model it loads into, which an XLA tensor does not have.
+    accelerator.save_state(str(tmp), safe_serialization=accelerator.distributed_type.value != "XLA")
     # Every rank writes its own RNG file into `tmp`; rename only once all of them are done.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -186,5 +186,10 @@ def setup(argv: list[str]):
     return task, training, swa, accelerator, config
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Trains with the command line's arguments; accelerate's TPU launcher imports this file and calls it."""
     run_recipe(setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -39,7 +39,7 @@ from .sharded import (ShardedPlacement, gather_full_state, local_shard, recomput
                       register_shard_checkpointing, swapped_in)
 from .image_tensors import ImageTensorDataset
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
-from .xla import PhaseCounters, expose_loader_dataset, is_xla, mark_step, on_host, refuse_bf16_storage
+from .xla import PhaseCounters, expose_loader_dataset, is_xla, on_host, refuse_bf16_storage, seed_step
 
 logger = get_logger(__name__)
 
@@ -361,7 +361,7 @@ class Trainer:
 
     @contextmanager
     def counted(self, phase: str):
-        """Attributes XLA's compiles and transfers inside the block to `phase` (nothing to count elsewhere)."""
+        """Under XLA, a phase with graphs of its own, whose compiles and transfers are counted (elsewhere nothing)."""
         if self.xla_counters is None:
             yield
             return
@@ -515,8 +515,6 @@ class Trainer:
         `weights`, a norm of the model's weights (before anything is saved from them).
         """
         acc = self.accelerator
-        if self.xla:
-            mark_step()  # the steps' pending work runs as its own graph, not folded into this read's
         zero = torch.zeros((), device=acc.device)
         skipped = self.averager.nonfinite_seen.to(acc.device) if self.averager is not None else zero
         bad_weights = zero
@@ -554,9 +552,7 @@ class Trainer:
             self.xla_counters.mark("log_intervals", step=step)
         with self.counted("logging"):
             mean_loss = self.read_health(weights=False)
-        self.loss_sum.zero_()
-        if self.xla:
-            mark_step()  # (else the zeroing joins the next step's graph: one more graph to compile)
+            self.loss_sum.zero_()
         self.loss_count = 0
         lr = self.current_lr()
         progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}")
@@ -577,17 +573,14 @@ class Trainer:
             # A candidate starting at step c averages the updates after step c: its copy is taken before them.
             for name, start in self.plan.candidates:
                 if start < self.state.global_step and name not in self.averager.starts:
-                    self.averager.start_candidate(name)
+                    with self.counted("candidate_starts"):
+                        self.averager.start_candidate(name)
         if stepped and self.averager is not None and (
             self.plan.update_after_step(self.state.global_step)
             or (epoch_end and self.plan.update_at_epoch_end(self.state.global_step))
         ):
-            if self.xla:
-                mark_step()  # XLA: the step and the update as two graphs, the same two at every update
-            with self.timed("averaging_updates"):
+            with self.timed("averaging_updates"):  # (under XLA a graph of its own: see `counted`)
                 self.averager.update(self.model)
-                if self.xla:
-                    mark_step()
         if epoch_end and self.xla_counters is not None:
             self.xla_counters.mark("epochs", epoch=self.state.epoch)
         if self.state.global_step >= self.plan.total_steps:
@@ -633,6 +626,8 @@ class Trainer:
             if self.state.batches_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, self.state.batches_in_epoch)
             for batch in loader:
+                if self.xla:
+                    seed_step(self.training.seed, self.state.epoch, self.state.batches_in_epoch)
                 self.train_step(batch)
                 self.state.batches_in_epoch += 1
                 if acc.sync_gradients:

@@ -13,7 +13,7 @@ import hashlib
 import torch
 from torch.utils.data import Dataset
 
-TRAIN_STREAM, BN_STREAM = 0, 1
+TRAIN_STREAM, BN_STREAM, XLA_STEP_STREAM = 0, 1, 2
 
 
 def sample_seed(seed: int, stream: int, epoch: int, index: int) -> int:

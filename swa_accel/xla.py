@@ -17,6 +17,7 @@ from typing import Mapping
 from accelerate.utils import DistributedType
 
 from .config import ConfigError
+from .seeding import XLA_STEP_STREAM, sample_seed
 
 #: The variables with which XLA stores every float32 tensor as bf16 while its dtype still reads float32
 #: (pytorch/xla#1489); accelerate sets one of them for `mixed_precision: bf16` on a TPU.
@@ -59,6 +60,17 @@ def mark_step() -> None:
     xm.mark_step()
 
 
+def seed_step(seed: int, epoch: int, batch: int) -> None:
+    """Seeds XLA's random numbers (dropout) for one micro-batch from (seed, epoch, batch in epoch).
+
+    XLA's generator state is not what accelerate's checkpoints restore it to (a resumed run drew other dropout
+    masks); seeded from the loop's position, every micro-batch draws the same masks however the run was split.
+    """
+    import torch_xla.core.xla_model as xm
+
+    xm.set_rng_state(sample_seed(seed, XLA_STEP_STREAM, epoch, batch))
+
+
 class XlaCounters:
     """XLA's compile and device-to-host transfer counts, read as totals so far.
 
@@ -84,12 +96,16 @@ class XlaCounters:
 class PhaseCounters:
     """XLA's counters per phase of a run: totals by the innermost open phase, and each occurrence whole.
 
+    Entering and leaving a phase cuts the trace (`mark_step`), so a phase never shares a graph with the training
+    step before or after it: each phase compiles its own few graphs once, instead of one more for every mix of
+    a step with whatever phase happened to follow it.
+
     What happens outside any named phase is training: the steps, the averaging updates they trace, and the
     compiles and executions that the loader's `mark_step` triggers. `occurrences[name]` lists what each
     outermost use of a phase cost, nested phases included, with equal neighbours merged (`"times": n`), so a
-    phase entered at every step stays one line once it settles. `mark(series, key)` closes an interval of
-    training counts, e.g. one per logging step (a test can see that no step between two reads waited for the
-    device) or one per epoch (no graph compiled after the warm-up).
+    phase entered at every step stays one line once it settles. `mark(series, key)` closes an interval: its
+    training counts, and under "all_phases" everything the interval did. One per logging step shows that no
+    step between two reads waited for the device; one per epoch, that nothing compiled after the warm-up.
     """
 
     TRAINING = "training"
@@ -100,7 +116,8 @@ class PhaseCounters:
         self.series: dict[str, list[dict]] = {}
         self._open = [self.TRAINING]
         self._last = XlaCounters.read()
-        self._since_mark: dict[str, dict[str, int]] = {}
+        self._since_mark: dict[str, dict[str, int]] = {}  # training counts of each series' open interval
+        self._since_mark_all: dict[str, dict[str, int]] = {}  # and every phase's
 
     @staticmethod
     def _add(totals: dict[str, dict[str, int]], name: str, counts: dict[str, int]) -> None:
@@ -113,9 +130,10 @@ class PhaseCounters:
         counts = XlaCounters.delta(self._last, now)
         self._last = now
         self._add(self.phases, self._open[-1], counts)
-        if self._open[-1] == self.TRAINING:
-            for series in self._since_mark:
+        for series in self._since_mark:
+            if self._open[-1] == self.TRAINING:
                 self._add(self._since_mark, series, counts)
+            self._add(self._since_mark_all, series, counts)
 
     def _record(self, name: str, counts: dict[str, int]) -> None:
         entries = self.occurrences.setdefault(name, [])
@@ -126,12 +144,14 @@ class PhaseCounters:
 
     @contextmanager
     def phase(self, name: str):
+        mark_step()
         self._settle()
         outermost = name not in self._open
         start = self._last
         self._open.append(name)
         try:
             yield
+            mark_step()
         finally:
             self._settle()
             self._open.pop()
@@ -142,8 +162,10 @@ class PhaseCounters:
         """Closes the current interval of training counts in `series` (the first call opens it)."""
         self._settle()
         if series in self._since_mark:
-            self.series.setdefault(series, []).append({**key, **self._since_mark[series]})
+            self.series.setdefault(series, []).append(
+                {**key, **self._since_mark[series], "all_phases": self._since_mark_all[series]})
         self._since_mark[series] = dict.fromkeys(self._last, 0)
+        self._since_mark_all[series] = dict.fromkeys(self._last, 0)
 
     def report(self) -> dict:
         return {"phases": self.phases, "occurrences": self.occurrences, **self.series}

@@ -1,5 +1,9 @@
-"""Shared test setup: the repo root on sys.path, nothing fetched from the Hub, a private datasets cache."""
+"""Shared test setup: the repo root on sys.path, nothing fetched from the Hub, a private datasets cache.
 
+tests/xla needs torch_xla and runs apart, in its own venv (`./run.sh test-xla`); elsewhere it is not collected.
+"""
+
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -11,6 +15,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# Where torch_xla is installed, accelerate trains every test on XLA; the main suite runs without it.
+collect_ignore = [] if importlib.util.find_spec("torch_xla") else ["xla"]
 
 
 @pytest.fixture(autouse=True)

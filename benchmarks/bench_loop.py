@@ -11,6 +11,8 @@ singletons never leak between them) and prints one JSON line:
 Both time the steps after `--warmup` (which absorbs torch.compile) with the device synchronised at
 both ends of the window only.
 
+Under torch_xla (PJRT_DEVICE=CPU, or a TPU) both run on the XLA device: the bare loop cuts one graph per step.
+
 Usage:
   python benchmarks/bench_loop.py bare    RECIPE.yaml [--key value ...] [--steps N --warmup W --compile]
   python benchmarks/bench_loop.py recipe  RECIPE.yaml [--key value ...] [--steps N --warmup W]
@@ -37,11 +39,17 @@ sys.path.insert(0, str(ROOT))
 
 from swa_accel.batches import forward_logits  # noqa: E402
 from swa_accel.loop import Trainer  # noqa: E402
+from swa_accel.xla import mark_step  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "xla":  # run what was traced, then wait for it
+        import torch_xla.core.xla_model as xm
+
+        xm.mark_step()
+        xm.wait_device_ops()
 
 
 def recipe_module(config: str):
@@ -120,9 +128,20 @@ def run_bare(config: str, overrides: list[str], steps: int, warmup: int, compile
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if device.type == "xla":
+            mark_step()  # one graph per step, as accelerate's loader wrapper cuts the recipe's
     synchronize(device)
     return {"ms_per_step": 1e3 * (time.perf_counter() - start) / (steps - warmup), "held_batches": count,
             "compiled": compile_model}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    from accelerate.utils import is_torch_xla_available
+
+    return "xla (PJRT_DEVICE=CPU)" if is_torch_xla_available() and not is_torch_xla_available(check_is_tpu=True) \
+        else "tpu" if is_torch_xla_available() else "cpu"
 
 
 def compare(args, overrides: list[str]) -> dict:
@@ -159,7 +178,7 @@ def main() -> None:
     else:
         result = run_recipe_timed(args.config, overrides, args.steps, args.warmup)
     result.update(mode=args.mode, config=args.config, overrides=overrides, steps=args.steps, warmup=args.warmup,
-                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  device=device_name(),
                   process_s=round(time.perf_counter() - start, 1))
     print("BENCH " + json.dumps(result), flush=True)
 

@@ -93,20 +93,22 @@ def recompute_bn(
     momenta = [m.momentum for m in layers]
     for layer in layers:
         layer.reset_running_stats()
+        # Momentum 1: each forward leaves exactly its batch's statistics, which are summed here. (Momentum None,
+        # torch's cumulative average, reads the batch count from the device at every layer and batch, and a
+        # momentum of 1/k would be a new constant, so a new XLA graph, at every batch.)
+        layer.momentum = 1.0
+    statistics = [s for m in layers for s in (m.running_mean, m.running_var)]
+    sums = [torch.zeros(s.shape, dtype=torch.float32, device=s.device) for s in statistics]
     module.train()
     seen = 0
     for batch in loader_factory():
-        # A cumulative average over batches: batch k weighs 1/k. This is what momentum None does, but there each
-        # layer reads its batch count from the device at every batch (a wait on a GPU, a transfer under XLA).
-        for layer in layers:
-            layer.momentum = 1.0 / (seen + 1)
         with autocast():
             forward_logits(module, send_to_device(batch, device))
+        torch._foreach_add_(sums, statistics)
         if device.type == "xla":
-            mark_step()  # one graph per batch shape, reused by every pass (else the whole pass is one trace)
+            mark_step()  # one graph per batch shape, the same at every batch and pass
         seen += 1
-    # Each rank holds averages over its own `seen` batches; weight them by batch count and sum.
-    sums = [torch.cat([m.running_mean.float() * seen, m.running_var.float() * seen]) for m in layers]
+    # Each rank holds sums over its own `seen` batches; one all-reduce adds them up with the batch counts.
     flat = torch.cat(sums + [torch.tensor([float(seen)], device=sums[0].device)])
     if num_processes > 1:
         torch.distributed.all_reduce(flat)

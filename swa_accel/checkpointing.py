@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import ConfigError
+from .xla import is_xla
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
@@ -77,7 +78,7 @@ def save_checkpoint(accelerator, checkpoint_root: Path, global_step: int, keep: 
     accelerator.wait_for_everyone()
     # Under XLA the training state goes in torch's format: safetensors' loader reads the memory address of each
     # tensor of the model it loads into, which an XLA tensor does not have.
-    accelerator.save_state(str(tmp), safe_serialization=accelerator.distributed_type.value != "XLA")
+    accelerator.save_state(str(tmp), safe_serialization=not is_xla(accelerator))
     # Every rank writes its own RNG file into `tmp`; rename only once all of them are done.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -3,7 +3,7 @@
 XLA traces tensor operations lazily and compiles each distinct graph once; `mark_step` cuts the trace and runs
 it. Loops that accelerate does not wrap (the BN recompute) cut it themselves, once per batch, so every pass
 reuses the same few graphs. XLA's own counters (`torch_xla.debug.metrics`) say how many graphs were compiled
-and how often the host waited for the device; `XlaCounters` reads them per phase of a run.
+and how often the host waited for the device; `PhaseCounters` gives them to the phases of a run.
 
 Nothing here imports torch_xla unless the run is on XLA, so the module costs nothing elsewhere.
 """

@@ -16,6 +16,7 @@ from swa_accel.image_tensors import identity_collate
 from swa_accel.outputs import read_metrics
 from tests.helpers.final_weights import assert_same_final_weights
 from tests.helpers.launch import ROOT, launch, run_python
+from tests.helpers.one_process import OneProcess
 from tests.helpers.tiny_datasets import make_cifar_like
 
 SCRIPT = ROOT / "recipes" / "vision" / "train.py"
@@ -81,16 +82,6 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
                                                 validation_fraction=0.2))
     model = PreResNet.from_pretrained(out / "final" / "swa")
     loader = torch.utils.data.DataLoader(data.evals["test"], batch_size=8, collate_fn=identity_collate)
-
-    class OneProcess:
-        @staticmethod
-        def gather_for_metrics(x):
-            return x
-
-        @staticmethod
-        def autocast():
-            return torch.autocast("cpu", enabled=False)
-
     logits, labels = predict(model, loader, OneProcess)
     again = compute_metrics(load_metrics(["accuracy", "nll"]), logits, labels)
     assert again["accuracy"] == pytest.approx(swa["accuracy"], abs=1e-9)

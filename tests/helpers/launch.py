@@ -19,18 +19,20 @@ def free_port() -> int:
 
 
 def launch(script: str | Path, args: list[str], num_processes: int = 1, timeout: int = 300,
-           check: bool = True, launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+           check: bool = True, launcher_args: tuple[str, ...] = (), config_file: Path | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file <cpu config> script args`, from the repo root.
 
-    Each 2-process launch gets its own rendezvous port so that launches never collide.
+    Each 2-process launch gets its own rendezvous port so that launches never collide. `config_file` replaces
+    the CPU config, `env` adds to the environment.
     """
     accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--config_file", str(CONFIGS[num_processes])]
+    command = [str(accelerate), "launch", "--config_file", str(config_file or CONFIGS[num_processes])]
     if num_processes > 1:
         command += ["--main_process_port", str(free_port())]
     command += [*launcher_args, str(script), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TQDM_DISABLE": "1"}
+           "TQDM_DISABLE": "1", **(env or {})}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

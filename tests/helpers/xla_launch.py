@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.helpers.launch import ROOT
+from tests.helpers.launch import ROOT, launch
 
 TPU_CONFIG = ROOT / "accelerate_configs" / "tpu.yaml"
 
@@ -20,15 +18,8 @@ def xla_launch(script: str | Path, args: list[str], env: dict | None = None, che
     The launcher imports the script as a module and calls its `main()` under `xmp.spawn`; one process, since
     XLA's CPU device is one device (see the README's TPU section).
     """
-    accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--config_file", str(TPU_CONFIG), "--num_processes", "1", str(script),
-               *args]
-    environ = {**os.environ, "PJRT_DEVICE": "CPU", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TQDM_DISABLE": "1", **(env or {})}
-    result = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
+    return launch(script, args, timeout=timeout, check=check, launcher_args=("--num_processes", "1"),
+                  config_file=TPU_CONFIG, env={"PJRT_DEVICE": "CPU", **(env or {})})
 
 
 def counters(out: Path) -> dict:

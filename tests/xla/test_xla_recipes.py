@@ -21,6 +21,7 @@ from swa_accel.image_tensors import identity_collate
 from swa_accel.outputs import read_metrics
 from tests.helpers.final_weights import assert_same_final_weights
 from tests.helpers.launch import ROOT
+from tests.helpers.one_process import OneProcess
 from tests.helpers.xla_launch import counters, xla_launch
 
 VISION = ROOT / "recipes" / "vision" / "train.py"
@@ -131,16 +132,6 @@ def test_xla_compiles_nothing_after_the_warm_up_and_never_waits_between_logging_
     if name == "vision":  # (the text model has no BatchNorm: no pass)
         assert times["bn_recompute"] >= 4
         assert all(entry["transfers"] == 1 for entry in occurrences["bn_recompute"])
-
-
-class OneProcess:
-    @staticmethod
-    def gather_for_metrics(x):
-        return x
-
-    @staticmethod
-    def autocast():
-        return torch.autocast("cpu", enabled=False)
 
 
 def text_logits(folder):

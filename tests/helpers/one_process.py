@@ -1,0 +1,13 @@
+"""Stands in for an Accelerator where `swa_accel.evaluation.predict` scores an exported model on the CPU."""
+
+import torch
+
+
+class OneProcess:
+    @staticmethod
+    def gather_for_metrics(x):
+        return x
+
+    @staticmethod
+    def autocast():
+        return torch.autocast("cpu", enabled=False)

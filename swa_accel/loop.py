@@ -368,6 +368,11 @@ class Trainer:
         with self.xla_counters.phase(phase):
             yield
 
+    def mark_interval(self, series: str, **key) -> None:
+        """Under XLA, closes an interval of training counts (per epoch, per logging step); elsewhere nothing."""
+        if self.xla_counters is not None:
+            self.xla_counters.mark(series, **key)
+
     # ----- evaluation and checkpoints ----------------------------------------------------
 
     def current_lr(self) -> float:
@@ -548,8 +553,7 @@ class Trainer:
         step = self.state.global_step
         if step % self.training.logging_steps and step < self.plan.total_steps:
             return
-        if self.xla_counters is not None:
-            self.xla_counters.mark("log_intervals", step=step)
+        self.mark_interval("log_intervals", step=step)
         with self.counted("logging"):
             mean_loss = self.read_health(weights=False)
             self.loss_sum.zero_()
@@ -581,8 +585,8 @@ class Trainer:
         ):
             with self.timed("averaging_updates"):  # (under XLA a graph of its own: see `counted`)
                 self.averager.update(self.model)
-        if epoch_end and self.xla_counters is not None:
-            self.xla_counters.mark("epochs", epoch=self.state.epoch)
+        if epoch_end:
+            self.mark_interval("epochs", epoch=self.state.epoch)
         if self.state.global_step >= self.plan.total_steps:
             return  # the last step's evaluation and checkpoint happen in finish()
         swa_module = None
@@ -601,9 +605,8 @@ class Trainer:
         progress = tqdm(total=plan.total_steps, initial=self.state.global_step,
                         disable=not acc.is_local_main_process, desc="train")
         self.model.train()
-        if self.xla_counters is not None:  # open the per-epoch and per-log intervals of training counts
-            self.xla_counters.mark("epochs", epoch=self.state.epoch)
-            self.xla_counters.mark("log_intervals", step=self.state.global_step)
+        self.mark_interval("epochs", epoch=self.state.epoch)  # (the first call opens the interval)
+        self.mark_interval("log_intervals", step=self.state.global_step)
         try:
             stopped = self.train_loop(progress)
         finally:

@@ -1,9 +1,8 @@
 """swa_accel: Stochastic Weight Averaging under Hugging Face Accelerate.
 
 Modules, one concern each: `config` (typed YAML + CLI configs), `schedule` (LR and SWA timeline),
-`averaging` (the fp32 average), `batchnorm` (exact BN recompute across ranks), `image_tensors` (image
-splits on the device, augmented per batch), `evaluation`
-(sharded metrics), `checkpointing`, `loop` (the shared training loop), `outputs`, `launch`, `xla` (what torch_xla
+`averaging` (the fp32 average), `batchnorm` (exact BN recompute across ranks), `batches` (batch layouts, and
+datasets that build their own batches), `evaluation` (sharded metrics), `checkpointing`, `loop` (the shared training loop), `outputs`, `launch`, `xla` (what torch_xla
 needs from the loop, and its compile and transfer counters).
 """
 

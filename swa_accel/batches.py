@@ -1,12 +1,32 @@
-"""One place that knows the batch layouts recipes produce: HF-style dicts and (inputs, labels) tuples."""
+"""One place that knows the batch layouts recipes produce (HF-style dicts and (inputs, labels) tuples), and the
+kind of dataset that builds whole batches itself."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+
+@runtime_checkable
+class SelfBatchingDataset(Protocol):
+    """A dataset that builds whole batches itself (`__getitems__`) and seeds its own augmentation.
+
+    Such a dataset (the vision recipe's decoded image tensors, `recipes/vision/image_tensors.py`) can keep its
+    data on the training device. The loop places it once (`place`), gets per-stream views of it (`view`), and
+    gives its loaders no worker processes and no pinned memory: a batch is a few tensor ops, workers would only
+    copy.
+    """
+
+    nbytes: int  # the size of its data, for deciding where the data lives
+
+    def place(self, device: torch.device, keep_on_device: bool) -> Any: ...
+
+    def view(self, seed: int, stream: int) -> Any: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 def split_batch(batch: Any) -> tuple[tuple, dict, Optional[torch.Tensor]]:

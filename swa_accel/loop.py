@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .averaging import MainProcessPlacement, WeightAverager, choose_placement, clean_name
-from .batches import forward_logits
+from .batches import SelfBatchingDataset, forward_logits
 from .batchnorm import bn_order, recompute_bn, shard_loader
 from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, save_checkpoint
 from .config import ConfigError, SWAArguments, TrainingArguments, first_line
@@ -37,7 +37,6 @@ from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
 from .selection import choose_candidate
 from .sharded import (ShardedPlacement, gather_full_state, local_shard, recompute_bn_sharded,
                       register_shard_checkpointing, swapped_in)
-from .image_tensors import ImageTensorDataset
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
 from .xla import PhaseCounters, expose_loader_dataset, is_xla, on_host, refuse_bf16_storage, seed_step
 
@@ -66,7 +65,7 @@ class Task:
             new batch shape compiles a new graph.
         random_transforms: the training dataset draws from the torch RNG per sample (random
             augmentation); the loop then seeds each sample from (seed, epoch, index) with
-            `SeededView`. An `ImageTensorDataset` seeds its own augmentation and ignores this.
+            `SeededView`. A `SelfBatchingDataset` seeds its own augmentation and ignores this.
     """
 
     build_model: Callable[[], nn.Module]
@@ -84,7 +83,7 @@ class Task:
 def seeded_dataset(task: Task, seed: int, stream: int):
     """The training data under a per-sample augmentation seed: (seed, stream, epoch, index) fixes every draw."""
     dataset = task.train_dataset
-    if isinstance(dataset, ImageTensorDataset):
+    if isinstance(dataset, SelfBatchingDataset):
         return dataset.view(seed, stream)
     return SeededView(dataset, seed, stream) if task.random_transforms else dataset
 
@@ -252,9 +251,10 @@ class Trainer:
     # ----- data ---------------------------------------------------------------------------
 
     def place_tensor_datasets(self) -> None:
-        """Moves decoded image tensors to the training device (or keeps them in host memory), once."""
+        """Moves self-batching datasets (decoded image tensors) to the training device, or keeps them in host
+        memory, once."""
         datasets = [self.task.train_dataset, *self.task.eval_datasets.values()]
-        tensors = [ds for ds in datasets if isinstance(ds, ImageTensorDataset)]
+        tensors = [ds for ds in datasets if isinstance(ds, SelfBatchingDataset)]
         if not tensors:
             return
         device = self.accelerator.device
@@ -269,12 +269,12 @@ class Trainer:
                     f"{'the memory of ' + str(device) if on_device else 'host memory'}", main_process_only=True)
 
     def num_workers(self, dataset) -> int:
-        # Batches of an ImageTensorDataset are a few tensor ops on the device: worker processes would only copy.
-        return 0 if isinstance(dataset, ImageTensorDataset) else self.training.dataloader_num_workers
+        # A self-batching dataset's batch is a few tensor ops on the device: worker processes would only copy.
+        return 0 if isinstance(dataset, SelfBatchingDataset) else self.training.dataloader_num_workers
 
     def pin_memory(self, dataset) -> bool:
         # Host-collated batches (text) go to a GPU through pinned memory, so the copy does not block.
-        return self.accelerator.device.type == "cuda" and not isinstance(dataset, ImageTensorDataset)
+        return self.accelerator.device.type == "cuda" and not isinstance(dataset, SelfBatchingDataset)
 
     # ----- the averaged model -------------------------------------------------------------
 

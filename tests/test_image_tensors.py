@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from swa_accel.image_tensors import MASK32, ImageTensorDataset, crop_draws, identity_collate, mix32, sample_hash
+from recipes.vision.image_tensors import MASK32, ImageTensorDataset, crop_draws, identity_collate, mix32, sample_hash
 
 
 def lowbias32_reference(x: int) -> int:

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from swa_accel.image_tensors import ImageTensorDataset
+from recipes.vision.image_tensors import ImageTensorDataset
 from swa_accel.loop import Task, seeded_dataset
 from swa_accel.seeding import SeededView
 

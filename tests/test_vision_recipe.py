@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from recipes.vision.data import VisionDataArguments, load_vision_data
 from recipes.vision.models import PreResNet
 from swa_accel.evaluation import compute_metrics, load_metrics, predict
-from swa_accel.image_tensors import identity_collate
+from recipes.vision.image_tensors import identity_collate
 from swa_accel.outputs import read_metrics
 from tests.helpers.final_weights import assert_same_final_weights
 from tests.helpers.launch import ROOT, launch, run_python

@@ -10,7 +10,7 @@ Two sources go through the same code:
 
 ``load_vision_data`` validates splits/columns/label counts up front, optionally
 injects symmetric label noise into the train split, then decodes every split once
-into an ``swa_accel.image_tensors.ImageTensorDataset``: one uint8 tensor that
+into an ``recipes.vision.image_tensors.ImageTensorDataset``: one uint8 tensor that
 batches by indexing, with crop, flip and normalisation as tensor ops on the
 training device. A batch is ``{"pixel_values": float32 (B, C, H, W), "labels": int64 (B,)}``.
 """
@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 import torch
 
-from swa_accel.image_tensors import ImageTensorDataset
+from recipes.vision.image_tensors import ImageTensorDataset
 
 __all__ = [
     "VisionDataArguments",
@@ -392,7 +392,7 @@ def load_vision_data(args: VisionDataArguments) -> VisionData:
     Returns:
         A ``VisionData`` whose datasets yield ``{"pixel_values": float32 (C, H, W),
         "labels": int64}`` rows by index, and whole batches through ``__getitems__``
-        (collate with ``swa_accel.image_tensors.identity_collate``).
+        (collate with ``recipes.vision.image_tensors.identity_collate``).
 
     Raises:
         ValueError: If a split or column is missing, labels are unusable, or

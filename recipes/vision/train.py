@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
 from swa_accel.config import ConfigError, resolved_config  # noqa: E402
-from swa_accel.image_tensors import identity_collate  # noqa: E402
 
 from recipes.vision.data import VisionDataArguments, load_vision_data  # noqa: E402
+from recipes.vision.image_tensors import identity_collate  # noqa: E402
 from recipes.vision.models import MODEL_CLASSES, build_model  # noqa: E402
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .averaging import MainProcessPlacement, WeightAverager, choose_placement, clean_name
 from .batches import SelfBatchingDataset, forward_logits
+from .candidates import Candidate, Choice, choose
 from .batchnorm import bn_order, recompute_bn, shard_loader
 from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, save_checkpoint
 from .config import ConfigError, SWAArguments, TrainingArguments, first_line
@@ -34,7 +35,6 @@ from .optim import build_optimizer
 from .outputs import (MetricsLog, candidates_table, plot_curves, summary_table, write_candidates,
                       write_resolved_config)
 from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
-from .selection import choose_candidate
 from .sharded import (ShardedPlacement, gather_full_state, local_shard, recompute_bn_sharded,
                       register_shard_checkpointing, swapped_in)
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
@@ -196,9 +196,6 @@ class Trainer:
             self.averager = WeightAverager(self.model, swa.swa_method, placement, accelerator.process_index,
                                            swa.ema_decay, swa.ema_warmup, swa.ema_buffers, swa.ema_decay_values())
         self.state = TrainState()
-        self.candidates: dict[str, dict] = {}  # filled by the final choice among averages
-        self.chosen: Optional[str] = None
-        self.reason = ""
         # The training loss stays on the device between logging steps, so no step waits for it.
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.loss_count = 0
@@ -378,8 +375,12 @@ class Trainer:
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def evaluate(self, final: bool = False) -> tuple[dict, Optional[nn.Module]]:
-        """Evaluates the base model and, once averaging has begun, the averaged one; logs both."""
+    def evaluate(self, final: bool = False) -> tuple[dict, Optional[nn.Module], Optional[Choice]]:
+        """Evaluates the base model and, once averaging has begun, the averaged one; logs both.
+
+        The final evaluation scores every candidate average and returns the choice among them too (else None);
+        its "swa" model is the chosen one.
+        """
         self.read_health(weights=True)  # never log or export metrics of diverged weights
         acc = self.accelerator
         results: dict[str, dict[str, dict[str, float]]] = {"base": {}}
@@ -387,10 +388,11 @@ class Trainer:
         with self.timed("evaluation"):
             for split, loader in self.eval_loaders.items():
                 results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
+        choice = None
         if final:
-            swa_module = self.score_candidates()  # (sharded: on the main process only)
-            if self.chosen is not None:
-                results["swa"] = self.candidates[self.chosen]["metrics"]
+            choice, swa_module = self.score_candidates()  # (sharded: the module on the main process only)
+            if choice is not None:
+                results["swa"] = choice.best.metrics
         else:
             with self.average_in_model() as swa_module:
                 if swa_module is not None:
@@ -403,10 +405,10 @@ class Trainer:
                 swa_module = None  # that was the training model; the checkpoint keeps the shards instead
         step, epoch = self.state.global_step, self.state.epoch
         # Every candidate's scores, when there was a choice (a single candidate is the "swa" record itself).
-        choice = self.candidates if final and len(self.candidates) > 1 else {}
+        candidates = choice.candidates if choice is not None and choice.is_a_choice else []
         if acc.is_main_process:
             scored = [(model_name, by_split, {}) for model_name, by_split in results.items()]
-            scored += [("candidate", c["metrics"], {"candidate": name}) for name, c in choice.items()]
+            scored += [("candidate", c.metrics, {"candidate": c.name}) for c in candidates]
             for model_name, by_split, extra in scored:
                 for split, values in by_split.items():
                     record = {"step": step, "epoch": epoch, "model": model_name, "split": split, **values,
@@ -416,23 +418,23 @@ class Trainer:
                         record["final"] = True
                     self.log.append(record)
         scalars = {f"{m}/{s}/{k}": v for m, by in results.items() for s, vals in by.items() for k, v in vals.items()}
-        scalars.update({f"candidates/{name}/{s}/{k}": v for name, c in choice.items()
-                        for s, vals in c["metrics"].items() for k, v in vals.items()})
+        scalars.update({f"candidates/{c.name}/{s}/{k}": v for c in candidates
+                        for s, vals in c.metrics.items() for k, v in vals.items()})
         acc.log(scalars, step=step)
-        return results, swa_module
+        return results, swa_module, choice
 
-    def score_candidates(self) -> Optional[nn.Module]:
-        """Scores every candidate average (full BN pass each) and returns the module of the best one.
+    def score_candidates(self) -> tuple[Optional[Choice], Optional[nn.Module]]:
+        """Scores every candidate average (full BN pass each): the choice among them, and the best one's module.
 
         The choice reads the validation split only; the other splits are evaluated for the report. One
-        candidate module exists at a time besides the best so far. Sets `candidates` and `chosen`.
+        candidate module exists at a time besides the best so far. (None, None) before averaging.
         """
-        self.candidates, self.chosen = {}, None
         if self.averager is None or self.averager.n_averaged == 0:
-            return None
+            return None, None
         starts = dict(self.plan.candidates)
         decays = {self.averager.ema_name(decay): decay for decay in self.averager.emas}
-        best_module, validation = None, {}
+        best_module, scored, choice = None, [], None
+        split, metric = self.task.validation_split, self.swa.selection_metric
         dtype = self.input_dtype if self.sharded else None
         for name in self.averager.candidate_names():
             updates = self.averager.candidate_updates(name)
@@ -442,26 +444,18 @@ class Trainer:
                 with self.timed("evaluation"):
                     metrics = {split: evaluate_model(module, loader, self.accelerator, self.metrics, dtype)
                                for split, loader in self.eval_loaders.items()}
-            kind = "swa" if name in starts else "ema"
-            self.candidates[name] = {
-                "kind": kind, "start_step": starts.get(name, self.plan.swa_start_step),
-                "start_epoch": starts.get(name, self.plan.swa_start_step) / self.plan.steps_per_epoch,
-                "decay": decays.get(name),
-                "n_averaged": updates, "metrics": metrics}
-            split = self.task.validation_split
-            validation[name] = metrics[split] if split is not None else {}
-            if split is None:  # a single candidate: nothing to choose
-                best, self.reason = name, "the only candidate (no validation split)"
-            else:
-                best, self.reason = choose_candidate(validation, self.swa.selection_metric)
-            if best == name and not self.sharded:
+            start = starts.get(name, self.plan.swa_start_step)
+            scored.append(Candidate(name=name, kind="swa" if name in starts else "ema", start_step=start,
+                                    start_epoch=start / self.plan.steps_per_epoch, decay=decays.get(name),
+                                    n_averaged=updates, metrics=metrics))
+            choice = choose(scored, split, metric)  # (so far: keep this module only if it leads)
+            if choice.chosen == name and not self.sharded:
                 best_module = module
             del module
-        self.chosen = best
-        logger.info(f"chosen average: {self.chosen}: {self.reason}", main_process_only=True)
+        logger.info(f"chosen average: {choice.chosen}: {choice.reason}", main_process_only=True)
         if self.sharded:  # the BN pass is seeded by the step, so this export is the module just scored
-            best_module = self.export_sharded_average(self.chosen)
-        return best_module
+            best_module = self.export_sharded_average(choice.chosen)
+        return choice, best_module
 
     def checkpoint(self, swa_module: Optional[nn.Module]) -> None:
         """Saves the training state; once averaging has begun, also the BN-recomputed averaged model."""
@@ -592,7 +586,7 @@ class Trainer:
         swa_module = None
         if self.eval_due(epoch_end):
             with self.counted("evaluation"):  # (its health read, BN pass and scoring included)
-                _, swa_module = self.evaluate()
+                _, swa_module, _ = self.evaluate()
         if self.checkpoint_due(epoch_end) or self.state.global_step == self.training.stop_after_step:
             with self.counted("checkpointing"):
                 self.checkpoint(swa_module)
@@ -651,7 +645,7 @@ class Trainer:
         acc = self.accelerator
         # The final/swa export is the very module evaluated here, so its logged metrics reproduce on reload.
         with self.timed("final_evaluation"):  # includes scoring every candidate average
-            results, swa_module = self.evaluate(final=True)
+            results, swa_module, choice = self.evaluate(final=True)
         if self.checkpoint_due(epoch_end=self.state.batches_in_epoch == 0):
             with self.counted("checkpointing"):
                 self.checkpoint(swa_module)
@@ -663,9 +657,8 @@ class Trainer:
                 if swa_module is not None:  # on the main process, the chosen average with BN recomputed
                     self.save_model(swa_module, final_dir / "swa")
         if acc.is_main_process:
-            if swa_module is not None:
-                write_candidates(final_dir / "candidates.json", self.candidates, self.chosen, self.reason,
-                                 self.task.validation_split, self.swa.selection_metric)
+            if choice is not None:
+                write_candidates(final_dir / "candidates.json", choice)
             (final_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
             # Phase timings of this process (total = the training loop, before the final evaluation).
             (final_dir / "timings.json").write_text(json.dumps(self.timings, indent=2), encoding="utf-8")
@@ -676,15 +669,14 @@ class Trainer:
                 lrs = [lr_factor(s, self.plan, self.training, self.swa) * self.training.learning_rate
                        for s in range(self.plan.total_steps)]
                 plot_curves(self.log.read(), lrs, self.plan.swa_start_step, self.task.primary_metric,
-                            self.output_dir / "curves.png", self.candidates, self.chosen,
-                            self.task.validation_split, self.swa.selection_metric)
+                            self.output_dir / "curves.png", choice)
             print("\nfinal evaluation (base = last iterate, swa = the chosen average):")
             print(summary_table(results))
-            if len(self.candidates) > 1:
-                print(f"\ncandidates (scored on '{self.task.validation_split}'; the other splits only report):")
-                print(candidates_table(self.candidates, self.chosen))
-            if self.chosen is not None:
-                print(f"chosen: {self.chosen}: {self.reason}")
+            if choice is not None and choice.is_a_choice:
+                print(f"\ncandidates (scored on '{choice.selection_split}'; the other splits only report):")
+                print(candidates_table(choice))
+            if choice is not None:
+                print(f"chosen: {choice.chosen}: {choice.reason}")
         acc.wait_for_everyone()
         acc.end_training()
         return results

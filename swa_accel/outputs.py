@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .candidates import Choice
+
 
 def git_commit() -> Optional[str]:
     """The repo's current commit, or None outside a git checkout."""
@@ -50,29 +52,25 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_candidates(path: Path, candidates: dict[str, dict], chosen: Optional[str], reason: str,
-                     validation_split: Optional[str], selection_metric: str) -> None:
+def write_candidates(path: Path, choice: Choice) -> None:
     """final/candidates.json: every candidate average with its start, kind, size and metrics per split."""
-    record = {"chosen": chosen, "reason": reason, "selection_split": validation_split,
-              "selection_metric": selection_metric,
-              "candidates": [{"name": name, **c} for name, c in candidates.items()]}
-    path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    path.write_text(json.dumps(choice.record(), indent=2), encoding="utf-8")
 
 
-def candidates_table(candidates: dict[str, dict], chosen: Optional[str]) -> str:
+def candidates_table(choice: Choice) -> str:
     """One row per candidate: kind, start, updates, then NLL and accuracy per split; the chosen one marked."""
-    splits = list(next(iter(candidates.values()))["metrics"])
-    metrics = [m for m in ("nll", "accuracy") if all(m in c["metrics"][s] for c in candidates.values() for s in splits)]
+    candidates = choice.candidates
+    splits = list(candidates[0].metrics)
+    metrics = [m for m in ("nll", "accuracy") if all(m in c.metrics[s] for c in candidates for s in splits)]
     header = ["", "candidate", "start epoch", "updates"] + [f"{s} {m}" for s in splits for m in metrics]
-    rows = [["*" if name == chosen else "", name, f"{c['start_epoch']:g}", str(c["n_averaged"])]
-            + [f"{c['metrics'][s][m]:.4f}" for s in splits for m in metrics] for name, c in candidates.items()]
+    rows = [["*" if c.name == choice.chosen else "", c.name, f"{c.start_epoch:g}", str(c.n_averaged)]
+            + [f"{c.metrics[s][m]:.4f}" for s in splits for m in metrics] for c in candidates]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows)
 
 
 def plot_curves(records: list[dict], lr_by_step: list[float], swa_start_step: Optional[int], metric: str,
-                path: Path, candidates: Optional[dict[str, dict]] = None, chosen: Optional[str] = None,
-                validation_split: Optional[str] = None, selection_metric: str = "nll") -> None:
+                path: Path, choice: Optional[Choice] = None) -> None:
     """Validation metric (base vs SWA, per split) and LR against optimizer step, SWA start marked.
 
     With several candidate averages, a middle panel shows each one's final validation `selection_metric`
@@ -83,10 +81,9 @@ def plot_curves(records: list[dict], lr_by_step: list[float], swa_start_step: Op
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    show_candidates = bool(candidates) and len(candidates) > 1 and validation_split is not None
-    if show_candidates:
+    if choice is not None and choice.is_a_choice:
         fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 8), sharex=True, height_ratios=[3, 2, 1])
-        plot_candidates(middle, candidates, chosen, validation_split, selection_metric)
+        plot_candidates(middle, choice)
     else:
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
     for model, style in (("base", "-"), ("swa", "--")):
@@ -111,19 +108,19 @@ def plot_curves(records: list[dict], lr_by_step: list[float], swa_start_step: Op
     plt.close(fig)
 
 
-def plot_candidates(axis, candidates: dict[str, dict], chosen: Optional[str], split: str, metric: str) -> None:
-    swa = [(c["start_step"], c["metrics"][split][metric], name) for name, c in candidates.items() if c["kind"] == "swa"]
+def plot_candidates(axis, choice: Choice) -> None:
+    split, metric = choice.selection_split, choice.selection_metric
+    swa = [(c.start_step, c.metrics[split][metric]) for c in choice.candidates if c.kind == "swa"]
     if swa:
-        axis.plot([s for s, _, _ in swa], [v for _, v, _ in swa], marker="o", markersize=4, label="SWA from step")
-    for name, c in candidates.items():
-        if c["kind"] == "ema":
-            axis.axhline(c["metrics"][split][metric], linestyle="--", linewidth=1, color="gray")
-            axis.annotate(name, (0.01, c["metrics"][split][metric]), fontsize=7, color="gray",
+        axis.plot([s for s, _ in swa], [v for _, v in swa], marker="o", markersize=4, label="SWA from step")
+    for c in choice.candidates:
+        if c.kind == "ema":
+            axis.axhline(c.metrics[split][metric], linestyle="--", linewidth=1, color="gray")
+            axis.annotate(c.name, (0.01, c.metrics[split][metric]), fontsize=7, color="gray",
                           xycoords=("axes fraction", "data"))
-    if chosen is not None:
-        c = candidates[chosen]
-        axis.plot([c["start_step"]], [c["metrics"][split][metric]], marker="*", markersize=14, color="red",
-                  linestyle="none", label=f"chosen: {chosen}")
+    best = choice.best
+    axis.plot([best.start_step], [best.metrics[split][metric]], marker="*", markersize=14, color="red",
+              linestyle="none", label=f"chosen: {best.name}")
     axis.set_ylabel(f"final {split} {metric}")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)

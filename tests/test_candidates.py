@@ -12,7 +12,7 @@ from swa_accel.choose_start import main as choose_start_main
 from swa_accel.choose_start import suggest_start
 from swa_accel.config import ConfigError, SWAArguments, TrainingArguments, parse_config
 from swa_accel.schedule import make_plan
-from swa_accel.selection import choose_candidate
+from swa_accel.candidates import choose_candidate
 from tests.test_averaging import small_net, trajectory
 
 CPU = torch.device("cpu")

@@ -136,17 +136,20 @@ def _pre_swa_factor(step: int, training: TrainingArguments, total_steps: int) ->
     return 1.0
 
 
-def lr_factor(step: int, plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments) -> float:
-    """LR multiplier for optimizer step `step` (0-based), as LambdaLR expects.
+def lr_factor(step: int, plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments,
+              base_lr: Optional[float] = None) -> float:
+    """LR multiplier for optimizer step `step` (0-based) of a param group whose initial LR is `base_lr`, as
+    LambdaLR expects (`base_lr` None: `training.learning_rate`).
 
     From `swa_start_step` on, the rate anneals (cos or linear, like `torch.optim.swa_utils.SWALR`)
-    from wherever the pre-SWA schedule stood to the constant `swa_lr`, over `anneal_steps` steps.
+    from wherever the pre-SWA schedule stood to the constant `swa_lr`, over `anneal_steps` steps. As with
+    SWALR, `swa_lr` is the rate itself for every group, whatever the group's own LR before.
     """
     start = plan.swa_start_step
     if start is None or swa.swa_lr is None or step < start:
         return _pre_swa_factor(step, training, plan.total_steps)
     from_factor = _pre_swa_factor(start, training, plan.total_steps)
-    to_factor = swa.swa_lr / training.learning_rate
+    to_factor = swa.swa_lr / (training.learning_rate if base_lr is None else base_lr)
     progress = 1.0 if plan.anneal_steps == 0 else min(1.0, (step - start + 1) / plan.anneal_steps)
     if swa.swa_anneal_strategy == "cos":
         alpha = (1 - math.cos(math.pi * progress)) / 2
@@ -158,11 +161,19 @@ def lr_factor(step: int, plan: TrainingPlan, training: TrainingArguments, swa: S
 def make_scheduler(
     optimizer: torch.optim.Optimizer, plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR to be stepped once per real optimizer step (never passed to `accelerator.prepare`)."""
+    """A LambdaLR to be stepped once per real optimizer step (never passed to `accelerator.prepare`).
 
-    # A plain function, not a callable object: LambdaLR then keeps it out of the saved state,
+    Each param group's base is the LR the optimizer was built with, never a second copy of it: a loop whose
+    optimizer runs at 1e-3 while `training.learning_rate` says 0.1 still reaches `swa_lr` in the SWA phase.
+    """
+
+    # Plain functions, not callable objects: LambdaLR then keeps them out of the saved state,
     # which holds only the step count.
-    def factor(step: int) -> float:
-        return lr_factor(step, plan, training, swa)
+    def factor_for(base_lr: float):
+        def factor(step: int) -> float:
+            return lr_factor(step, plan, training, swa, base_lr)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return factor
+
+    bases = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(base) for base in bases])

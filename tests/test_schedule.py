@@ -113,3 +113,29 @@ def test_averaging_timeline():
     assert updates == [25, 30, 35, 40]
     plan, _ = lrs(10, num_train_epochs=4, swa_start_epoch=2)
     assert [s for s in (10, 20, 30, 40) if plan.update_at_epoch_end(s)] == [30, 40]
+
+
+def test_the_swa_phase_matches_swalr_per_group_with_the_optimizers_own_rates():
+    """Each group's base is the optimizer's LR, never `learning_rate`: two AdamW groups at 1e-3 and 2e-3 while
+    `learning_rate` keeps its default 0.1 (which once made the SWA phase run 100x too low) follow torch's
+    `SWALR` step for step, and both end at `swa_lr`, as SWALR sets every group to it."""
+    from torch.optim.swa_utils import SWALR
+
+    def optimizer():
+        return torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (1e-3, 2e-3)])
+
+    training, swa = args(num_train_epochs=4, lr_scheduler_type="constant", swa_start_epoch=2, swa_lr=5e-4,
+                         swa_anneal_steps=3)
+    assert training.learning_rate == 0.1
+    plan = make_plan(5, training, swa)
+    ours, theirs = optimizer(), optimizer()
+    scheduler, swalr = make_scheduler(ours, plan, training, swa), SWALR(theirs, swa_lr=5e-4, anneal_epochs=3)
+    for step in range(plan.total_steps):
+        assert [g["lr"] for g in ours.param_groups] == pytest.approx([g["lr"] for g in theirs.param_groups],
+                                                                       rel=1e-12), step
+        ours.step(), theirs.step()
+        scheduler.step()
+        if step + 1 >= plan.swa_start_step:
+            swalr.step()
+    assert [g["lr"] for g in ours.param_groups] == pytest.approx([5e-4, 5e-4], rel=1e-12)
+    assert scheduler.state_dict()["lr_lambdas"] == [None, None]  # (still no code in the saved state)

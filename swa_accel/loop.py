@@ -24,10 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .averaging import MainProcessPlacement, WeightAverager, choose_placement, clean_name
+from .averaging import clean_name
 from .batches import SelfBatchingDataset, forward_logits
-from .candidates import Candidate, Choice, choose
-from .batchnorm import bn_order, recompute_bn, shard_loader
+from .candidates import Choice
+from .batchnorm import bn_order, shard_loader
 from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, save_checkpoint
 from .config import ConfigError, SWAArguments, TrainingArguments, first_line
 from .evaluation import evaluate_model, load_metrics
@@ -35,9 +35,9 @@ from .optim import build_optimizer
 from .outputs import (MetricsLog, candidates_table, plot_curves, summary_table, write_candidates,
                       write_resolved_config)
 from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
-from .sharded import (ShardedPlacement, gather_full_state, local_shard, recompute_bn_sharded,
-                      register_shard_checkpointing, swapped_in)
+from .sharded import local_shard
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
+from .swa import SWA
 from .xla import PhaseCounters, expose_loader_dataset, is_xla, on_host, refuse_bf16_storage, seed_step
 
 logger = get_logger(__name__)
@@ -178,23 +178,11 @@ class Trainer:
                 expose_loader_dataset(loader)
         self.plan: TrainingPlan = make_plan(len(self.train_loader), training, swa)
         self.scheduler = make_scheduler(self.optimizer, self.plan, training, swa)
-        self.averager: Optional[WeightAverager] = None
-        self.sharded = False  # the average lives in shards, used by swapping it into the model (sharded.py)
+        self.averaging: Optional[SWA] = None  # everything about the average (swa.py)
         if swa.enabled:
-            deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
-            fsdp = getattr(accelerator.state, "fsdp_plugin", None)
-            try:
-                placement_name = choose_placement(swa.swa_placement, accelerator.distributed_type.value,
-                                                  getattr(deepspeed, "zero_stage", None),
-                                                  getattr(fsdp, "fsdp_version", None))
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
-            self.sharded = placement_name == "sharded"
-            placement_type = ShardedPlacement if self.sharded else MainProcessPlacement
-            placement = placement_type(accelerator.device, offload_to_cpu=swa.swa_offload_to_cpu)
+            self.averaging = SWA(accelerator, self.model, swa, self.plan, task.build_model, self.bn_loader_factory,
+                                 self.timed)
             self.check_selection()
-            self.averager = WeightAverager(self.model, swa.swa_method, placement, accelerator.process_index,
-                                           swa.ema_decay, swa.ema_warmup, swa.ema_buffers, swa.ema_decay_values())
         self.state = TrainState()
         # The training loss stays on the device between logging steps, so no step waits for it.
         self.loss_sum = torch.zeros((), device=accelerator.device)
@@ -203,10 +191,8 @@ class Trainer:
         # XLA's compile and transfer counts per phase, written to final/xla_counters.json.
         self.xla_counters = PhaseCounters() if self.xla else None
         accelerator.register_for_checkpointing(self.scheduler, self.state)
-        if self.averager is not None and self.sharded:
-            register_shard_checkpointing(accelerator, self.averager)  # one file per rank: each holds its own shards
-        elif self.averager is not None:
-            accelerator.register_for_checkpointing(self.averager)
+        if self.averaging is not None:
+            self.averaging.register_for_checkpointing()
         self.metrics = load_metrics(list(task.metric_names), accelerator.main_process_first)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl")
 
@@ -289,54 +275,6 @@ class Trainer:
 
         return loader
 
-    def averaged_model(self, full_bn_pass: bool = False, candidate: Optional[str] = None) -> Optional[nn.Module]:
-        """The averaged weights (or a candidate's) as an fp32 module on every rank, BN statistics recomputed;
-        None before averaging. Main placement only (a sharded average is used in place: `average_in_model`).
-
-        Intermediate uses recompute BN over `bn_recompute_max_samples` random training samples;
-        `full_bn_pass` (the final export) reads the whole training set.
-        """
-        if self.averager is None or self.averager.n_averaged == 0:
-            return None
-        acc = self.accelerator
-        module = self.averager.materialize(self.task.build_model, acc.unwrap_model(self.model), acc.device,
-                                           acc.num_processes, candidate)
-        if self.swa.swa_method == "swa":
-            with self.timed("bn_recompute"):
-                recompute_bn(module, self.bn_loader_factory(full_bn_pass), acc.device, acc.num_processes,
-                             acc.autocast)
-        return module
-
-    @contextmanager
-    def average_in_model(self, full_bn_pass: bool = False, candidate: Optional[str] = None):
-        """Yields a module holding the average (or a candidate), BN recomputed, on every rank; None before averaging.
-
-        Main placement: a separate fp32 module (it outlives the block). Sharded placement: the training model
-        itself, with the averaged shards swapped in until the block ends (no full gather); its weights and
-        buffers are then restored bit for bit.
-        """
-        if not self.sharded or self.averager is None or self.averager.n_averaged == 0:
-            yield self.averaged_model(full_bn_pass, candidate)
-            return
-        acc = self.accelerator
-        with swapped_in(self.averager, self.model, candidate):
-            module = acc.unwrap_model(self.model)
-            if self.swa.swa_method == "swa":
-                with self.timed("bn_recompute"):
-                    recompute_bn_sharded(module, self.bn_loader_factory(full_bn_pass), acc.device,
-                                         acc.num_processes, acc.autocast)
-            yield module
-
-    def export_sharded_average(self, candidate: Optional[str]) -> Optional[nn.Module]:
-        """The sharded average gathered once into an fp32 module on the main process (None elsewhere), for saving."""
-        with self.average_in_model(full_bn_pass=True, candidate=candidate):
-            state = gather_full_state(self.averager, self.model, self.accelerator.process_index)
-        if state is None:
-            return None
-        module = self.task.build_model()
-        module.load_state_dict(state)
-        return module.float()
-
     def base_for_export(self) -> Optional[nn.Module]:
         """The last iterate as a module on the main process (FSDP: gathered once from the shards); None elsewhere."""
         acc = self.accelerator
@@ -388,21 +326,16 @@ class Trainer:
         with self.timed("evaluation"):
             for split, loader in self.eval_loaders.items():
                 results["base"][split] = evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
-        choice = None
+        choice, swa_module = None, None
         if final:
             choice, swa_module = self.score_candidates()  # (sharded: the module on the main process only)
             if choice is not None:
                 results["swa"] = choice.best.metrics
-        else:
-            with self.average_in_model() as swa_module:
-                if swa_module is not None:
-                    # (A sharded average is evaluated in the training model, in its dtype.)
-                    dtype = self.input_dtype if self.sharded else None
-                    with self.timed("evaluation"):
-                        results["swa"] = {split: evaluate_model(swa_module, loader, acc, self.metrics, dtype)
-                                          for split, loader in self.eval_loaders.items()}
-            if self.sharded:
-                swa_module = None  # that was the training model; the checkpoint keeps the shards instead
+        elif self.averaging is not None:
+            with self.averaging.average_in_model() as module:
+                if module is not None:
+                    results["swa"] = self.evaluate_average(module)
+                swa_module = self.averaging.module_to_keep(module)  # (None: it was the training model)
         step, epoch = self.state.global_step, self.state.epoch
         # Every candidate's scores, when there was a choice (a single candidate is the "swa" record itself).
         candidates = choice.candidates if choice is not None and choice.is_a_choice else []
@@ -412,7 +345,7 @@ class Trainer:
             for model_name, by_split, extra in scored:
                 for split, values in by_split.items():
                     record = {"step": step, "epoch": epoch, "model": model_name, "split": split, **values,
-                              "lr": self.current_lr(), "n_averaged": self.averager.n_averaged if self.averager else 0,
+                              "lr": self.current_lr(), "n_averaged": self.averaging.n_averaged if self.averaging else 0,
                               **extra}
                     if final:
                         record["final"] = True
@@ -423,45 +356,29 @@ class Trainer:
         acc.log(scalars, step=step)
         return results, swa_module, choice
 
-    def score_candidates(self) -> tuple[Optional[Choice], Optional[nn.Module]]:
-        """Scores every candidate average (full BN pass each): the choice among them, and the best one's module.
+    def evaluate_average(self, module: nn.Module) -> dict[str, dict[str, float]]:
+        """Metrics of `average_in_model`'s module on every eval split."""
+        dtype = self.averaging.eval_input_dtype(self.input_dtype)
+        with self.timed("evaluation"):
+            return {split: evaluate_model(module, loader, self.accelerator, self.metrics, dtype)
+                    for split, loader in self.eval_loaders.items()}
 
-        The choice reads the validation split only; the other splits are evaluated for the report. One
-        candidate module exists at a time besides the best so far. (None, None) before averaging.
-        """
-        if self.averager is None or self.averager.n_averaged == 0:
+    def score_candidates(self) -> tuple[Optional[Choice], Optional[nn.Module]]:
+        """Every candidate average scored, the choice on the validation split (the other splits only report),
+        and the chosen one's module; (None, None) before averaging."""
+        if self.averaging is None:
             return None, None
-        starts = dict(self.plan.candidates)
-        decays = {self.averager.ema_name(decay): decay for decay in self.averager.emas}
-        best_module, scored, choice = None, [], None
-        split, metric = self.task.validation_split, self.swa.selection_metric
-        dtype = self.input_dtype if self.sharded else None
-        for name in self.averager.candidate_names():
-            updates = self.averager.candidate_updates(name)
-            if updates == 0:
-                continue
-            with self.average_in_model(full_bn_pass=True, candidate=name) as module:
-                with self.timed("evaluation"):
-                    metrics = {split: evaluate_model(module, loader, self.accelerator, self.metrics, dtype)
-                               for split, loader in self.eval_loaders.items()}
-            start = starts.get(name, self.plan.swa_start_step)
-            scored.append(Candidate(name=name, kind="swa" if name in starts else "ema", start_step=start,
-                                    start_epoch=start / self.plan.steps_per_epoch, decay=decays.get(name),
-                                    n_averaged=updates, metrics=metrics))
-            choice = choose(scored, split, metric)  # (so far: keep this module only if it leads)
-            if choice.chosen == name and not self.sharded:
-                best_module = module
-            del module
-        logger.info(f"chosen average: {choice.chosen}: {choice.reason}", main_process_only=True)
-        if self.sharded:  # the BN pass is seeded by the step, so this export is the module just scored
-            best_module = self.export_sharded_average(choice.chosen)
-        return choice, best_module
+        choice, module = self.averaging.score_candidates(self.evaluate_average, self.task.validation_split,
+                                                         self.swa.selection_metric)
+        if choice is not None:
+            logger.info(f"chosen average: {choice.chosen}: {choice.reason}", main_process_only=True)
+        return choice, module
 
     def checkpoint(self, swa_module: Optional[nn.Module]) -> None:
         """Saves the training state; once averaging has begun, also the BN-recomputed averaged model."""
         self.read_health(weights=True)  # a diverged state must never replace a good checkpoint
-        if swa_module is None and not self.sharded:  # (sharded: the shards are in the checkpoint, no full model)
-            swa_module = self.averaged_model()
+        if self.averaging is not None:  # (sharded: the shards are in the checkpoint, no full model)
+            swa_module = self.averaging.module_for_checkpoint(swa_module)
         writer = None
         if swa_module is not None:
             writer = lambda folder: self.save_model(swa_module, folder / "swa_model")  # noqa: E731
@@ -515,7 +432,7 @@ class Trainer:
         """
         acc = self.accelerator
         zero = torch.zeros((), device=acc.device)
-        skipped = self.averager.nonfinite_seen.to(acc.device) if self.averager is not None else zero
+        skipped = self.averaging.averager.nonfinite_seen.to(acc.device) if self.averaging is not None else zero
         bad_weights = zero
         if weights:
             norms = torch._foreach_norm([local_shard(p.detach()) for p in self.model.parameters()])
@@ -567,18 +484,8 @@ class Trainer:
         if epoch_end:
             self.state.epoch += 1
             self.state.batches_in_epoch = 0
-        if self.averager is not None:
-            # A candidate starting at step c averages the updates after step c: its copy is taken before them.
-            for name, start in self.plan.candidates:
-                if start < self.state.global_step and name not in self.averager.starts:
-                    with self.counted("candidate_starts"):
-                        self.averager.start_candidate(name)
-        if stepped and self.averager is not None and (
-            self.plan.update_after_step(self.state.global_step)
-            or (epoch_end and self.plan.update_at_epoch_end(self.state.global_step))
-        ):
-            with self.timed("averaging_updates"):  # (under XLA a graph of its own: see `counted`)
-                self.averager.update(self.model)
+        if self.averaging is not None:  # (under XLA its work runs as graphs of its own: see `counted`)
+            self.averaging.after_step(self.state.global_step, epoch_end, stepped)
         if epoch_end:
             self.mark_interval("epochs", epoch=self.state.epoch)
         if self.state.global_step >= self.plan.total_steps:

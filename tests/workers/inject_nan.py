@@ -27,7 +27,7 @@ def main():
         original(self)  # schedule, and average the (still finite) weights of this step
         if self.state.global_step == inject_after:
             seen["trainer"] = self
-            seen["average_before"] = {k: v.clone() for k, v in self.averager.averaged.items()}
+            seen["average_before"] = {k: v.clone() for k, v in self.averaging.averager.averaged.items()}
             with torch.no_grad():
                 next(self.model.parameters()).fill_(math.nan)  # as a diverging optimizer step would leave them
 
@@ -38,11 +38,11 @@ def main():
     except SystemExit as stop:
         code = stop.code
     trainer = seen["trainer"]
-    after = trainer.averager.averaged
+    after = trainer.averaging.averager.averaged
     report = {
         "exit_code": code,
         "stopped_at_step": trainer.state.global_step,
-        "n_averaged": trainer.averager.n_averaged,
+        "n_averaged": trainer.averaging.n_averaged,
         "average_finite": all(bool(v.isfinite().all()) for v in after.values()),
         "average_unchanged_since_injection": all(torch.equal(after[k], v) for k, v in seen["average_before"].items()),
     }

@@ -146,6 +146,8 @@ class WeightAverager:
             raise ValueError("ema_decays: side EMAs are candidates of an SWA run; set swa_method swa")
         self.method = method
         self.placement = placement
+        # XLA needs other forms of the update's masking and lerp (see `_zeroed_unless` and `_lerp`).
+        self.on_xla = placement.device.type == "xla"
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
         self.average_buffers = method == "ema" and ema_buffers == "average"
@@ -224,20 +226,20 @@ class WeightAverager:
         XLA folds 0 and 1 into the graph as constants and shares one input among equal numbers, so a Python float
         that changes at every update (1/n) would now and then give a graph never seen before: a new compile.
         """
-        if self.placement.device.type == "xla":
+        if self.on_xla:
             return torch.tensor(value, dtype=torch.float32, device=self.placement.device)
         return value
 
     def _zeroed_unless(self, finite: torch.Tensor, sources: list[torch.Tensor]) -> list[torch.Tensor]:
         """The sources where `finite` holds, else zeros, decided on the device."""
-        if self.placement.device.type == "xla":
+        if self.on_xla:
             # XLA copies an integer view of a float tensor to the host; a select stays on the device.
             return [torch.where(finite, s, 0.0) for s in sources]
         masked = torch._foreach_mul([s.view(torch.int32) for s in sources], finite.to(torch.int32))
         return [m.view(torch.float32) for m in masked]
 
     def _lerp(self, targets: list[torch.Tensor], sources: list[torch.Tensor], weight: torch.Tensor) -> None:
-        if self.placement.device.type == "xla":
+        if self.on_xla:
             # XLA decomposes a foreach lerp with a tensor weight through a host read (pytorch/xla#7923).
             for target, source in zip(targets, sources):
                 target.lerp_(source, weight)

@@ -92,7 +92,6 @@ class XlaCounters:
         return {key: after[key] - before[key] for key in after}
 
 
-
 class PhaseCounters:
     """XLA's counters per phase of a run: totals by the innermost open phase, and each occurrence whole.
 

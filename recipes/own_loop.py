@@ -1,4 +1,4 @@
-"""SWA in your own accelerate loop: swa_accel's pieces without the recipes' Trainer.
+"""SWA in your own accelerate loop: one `SWA` object, four lines on top of the loop (marked `# SWA`).
 
     pip install -e .     # once, from this repository: then `import swa_accel` works in any script
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/own_loop.py --output_dir outputs/own_loop
@@ -21,10 +21,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from swa_accel import MainProcessPlacement, SWAArguments, TrainingArguments, WeightAverager, recompute_bn
-from swa_accel.batchnorm import shard_loader
+from swa_accel import SWA, SWAArguments  # SWA
 from swa_accel.launch import end_process
-from swa_accel.schedule import make_plan, make_scheduler
 
 
 def build_model() -> nn.Module:
@@ -49,23 +47,15 @@ def main() -> None:
     set_seed(0)
     model = build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_set = digits(train=True)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
+    loader = DataLoader(digits(train=True), batch_size=args.batch_size, shuffle=True)
     test_loader = DataLoader(digits(train=False), batch_size=128)
     model, optimizer, loader, test_loader = accelerator.prepare(model, optimizer, loader, test_loader)
-
-    # The SWA timeline and LR schedule, in optimizer steps (the same curve for any process count).
-    training = TrainingArguments(num_train_epochs=args.epochs, learning_rate=0.1, lr_scheduler_type="constant")
-    swa = SWAArguments(swa_start_epoch=args.swa_start_epoch, swa_lr=0.05)
-    plan = make_plan(len(loader), training, swa)
-    scheduler = make_scheduler(optimizer, plan, training, swa)
-    # The fp32 average lives on the main process only; the other ranks get it by broadcast when needed.
-    averager = WeightAverager(model, "swa", MainProcessPlacement(accelerator.device), accelerator.process_index)
+    swa = SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_epoch=args.swa_start_epoch,  # SWA
+                                                                  swa_lr=0.05), num_epochs=args.epochs)
 
     output = Path(args.output_dir)
     (output / "snapshots").mkdir(parents=True, exist_ok=True)
-    step = 0
-    for _ in range(plan.num_epochs):
+    for _ in range(args.epochs):
         model.train()
         for x, y in loader:
             with accelerator.accumulate(model):
@@ -73,31 +63,25 @@ def main() -> None:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            if accelerator.sync_gradients:  # a real optimizer step
-                step += 1
-                scheduler.step()
-        if plan.update_at_epoch_end(step):
-            averager.update(model)
-            if accelerator.is_main_process:  # for the check against the mean of the snapshots
-                weights = {k: v.detach().float().cpu() for k, v in accelerator.unwrap_model(model).named_parameters()}
-                save_file(weights, str(output / "snapshots" / f"{averager.n_averaged:03d}.safetensors"))
+            swa.step()  # SWA: averages when due, and sets the SWA phase's LR
+        if accelerator.is_main_process and swa.n_averaged > len(list((output / "snapshots").iterdir())):
+            # (for the check against the mean of the snapshots, not needed for SWA)
+            weights = {k: v.detach().float().cpu() for k, v in accelerator.unwrap_model(model).named_parameters()}
+            save_file(weights, str(output / "snapshots" / f"{swa.n_averaged:03d}.safetensors"))
 
-    # The averaged weights on every rank, BN statistics recomputed over each rank's share of the data.
-    swa_model = averager.materialize(build_model, accelerator.unwrap_model(model), accelerator.device,
-                                     accelerator.num_processes)
-    recompute_bn(swa_model, lambda: shard_loader(train_set, args.batch_size, None, accelerator.num_processes,
-                                                 accelerator.process_index), accelerator.device,
-                 accelerator.num_processes)
-    swa_model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in test_loader:
-            predictions, labels = accelerator.gather_for_metrics((swa_model(x).argmax(-1), y))
-            correct += (predictions == labels).sum().item()
-            total += len(labels)
-    if accelerator.is_main_process:
-        save_file({k: v.cpu() for k, v in swa_model.state_dict().items()}, str(output / "swa.safetensors"))
-        print(f"swa test accuracy {correct / total:.4f} over {total} images; {averager.n_averaged} snapshots averaged")
+    # On every rank: the average, BN statistics recomputed over the whole training set, each rank its share.
+    with swa.average_in_model(full_bn_pass=True) as swa_model:  # SWA
+        swa_model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in test_loader:
+                predictions, labels = accelerator.gather_for_metrics((swa_model(x).argmax(-1), y))
+                correct += (predictions == labels).sum().item()
+                total += len(labels)
+        if accelerator.is_main_process:
+            save_file({k: v.cpu() for k, v in swa_model.state_dict().items()}, str(output / "swa.safetensors"))
+            print(f"swa test accuracy {correct / total:.4f} over {total} images; {swa.n_averaged} snapshots "
+                  f"averaged; swa phase lr {optimizer.param_groups[0]['lr']:g}")
     # Every rank leaves together. On CPU processes (gloo) end_process then skips the interpreter's teardown,
     # where torch 2.13's gloo can deadlock or abort after all the work is done.
     accelerator.wait_for_everyone()

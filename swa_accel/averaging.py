@@ -7,10 +7,13 @@ a `Placement` strategy; `MainProcessPlacement` keeps it on the main process only
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
+
+from .batchnorm import recompute_bn
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -41,11 +44,15 @@ class MainProcessPlacement:
 
     Under DDP every rank has identical weights, so the main process can average its own replica
     with no communication. Ranks receive the averaged weights only transiently, by broadcast, when
-    an evaluation or the BN recompute needs them. A sharded placement (FSDP / ZeRO-3) would instead
-    keep each rank's shard and gather in `fill_module`; the averager never needs to know which.
+    an evaluation or the BN recompute needs them: in a separate fp32 module, or swapped into the
+    training model (what `transformers.Trainer`'s evaluation needs). `sharded.ShardedPlacement` is the
+    other placement; both answer the same calls (`holding_average`, `recompute_bn`, `full_state`,
+    `register_checkpointing`), so the SWA controller never asks which it has.
     """
 
     name = "main"
+    #: `holding_average` yields a module of its own, which may outlive the block (by default).
+    separate_module = True
 
     def __init__(self, device: torch.device, offload_to_cpu: bool = False) -> None:
         self.device = torch.device("cpu") if offload_to_cpu else device
@@ -70,6 +77,56 @@ class MainProcessPlacement:
                     target.copy_(averaged[name])
                 if num_processes > 1:
                     torch.distributed.broadcast(target.data, src=0)
+
+    def materialize(self, averager: "WeightAverager", build_model: Callable[[], nn.Module], base_model: nn.Module,
+                    num_processes: int, candidate: Optional[str] = None) -> nn.Module:
+        """An fp32 module holding the average (or a candidate), on every rank (collective when distributed).
+
+        Buffers that are not averaged (BN statistics for SWA, everything for EMA with "copy") come
+        from the base model; BN statistics must then be recomputed (see `batchnorm.py`).
+        """
+        module = build_model()
+        module.load_state_dict({clean_name(k): v for k, v in base_model.state_dict().items()})
+        module.to(device=self._compute_device(base_model), dtype=torch.float32)
+        self.fill_module(averager.tensors_of(candidate), module, num_processes)
+        return module
+
+    @staticmethod
+    def _compute_device(model: nn.Module) -> torch.device:
+        return next(model.parameters()).device
+
+    @contextlib.contextmanager
+    def holding_average(self, averager: "WeightAverager", model: nn.Module, base_model: nn.Module,
+                        build_model: Callable[[], nn.Module], num_processes: int, candidate: Optional[str] = None,
+                        in_model: bool = False) -> Iterator[nn.Module]:
+        """Yields a module holding the average on every rank: a new fp32 module, or with `in_model` the training
+        model itself (`base_model`, unwrapped), whose weights and buffers come back bit for bit on exit."""
+        if not in_model:
+            yield self.materialize(averager, build_model, base_model, num_processes, candidate)
+            return
+        saved = [(t, t.detach().clone()) for t in (*base_model.parameters(), *base_model.buffers())]
+        try:
+            self.fill_module(averager.tensors_of(candidate), base_model, num_processes)
+            yield base_model
+        finally:
+            with torch.no_grad():
+                for live, value in saved:
+                    live.copy_(value)
+
+    def recompute_bn(self, module: nn.Module, loader_factory, device: torch.device, num_processes: int,
+                     autocast) -> int:
+        return recompute_bn(module, loader_factory, device, num_processes, autocast)
+
+    def full_state(self, averager: "WeightAverager", module: nn.Module,
+                   process_index: int) -> Optional[dict[str, torch.Tensor]]:
+        """`holding_average`'s module as a state dict on the main process (None elsewhere)."""
+        if process_index != 0:
+            return None
+        return {clean_name(k): v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    def register_checkpointing(self, accelerator, averager: "WeightAverager") -> None:
+        """accelerate's checkpoints save the main process's copy and give it back to every rank on load."""
+        accelerator.register_for_checkpointing(averager)
 
 
 def choose_placement(requested: str, distributed_type: str, zero_stage: Optional[int] = None,
@@ -121,7 +178,7 @@ class WeightAverager:
     Args:
         model: the prepared (possibly wrapped) model; its wrapper-free names key the average.
         method: "swa" or "ema".
-        placement: where the copy lives, e.g. `MainProcessPlacement`.
+        placement: where the copy lives: `MainProcessPlacement` or `sharded.ShardedPlacement`.
         process_index: this process's rank.
         ema_decay: EMA decay per update.
         ema_warmup: use min(decay, (1 + n) / (10 + n)) so early updates move the average.
@@ -292,20 +349,19 @@ class WeightAverager:
         return {k: ((v.to(wide) * n - snapshot[k].to(wide) * n_start) / count).float()
                 for k, v in self.averaged.items()}
 
-    def materialize(self, build_model: Callable[[], nn.Module], base_model: nn.Module, device: torch.device,
-                    num_processes: int, candidate: Optional[str] = None) -> nn.Module:
-        """Builds an fp32 module holding the average (or a candidate), on every rank (collective when distributed).
+    def tensors_of(self, candidate: Optional[str] = None) -> Optional[dict[str, torch.Tensor]]:
+        """The main average's tensors, or a candidate's, on the copy-holding process (None elsewhere)."""
+        return self.averaged if candidate is None else self.candidate_tensors(candidate)
 
-        Buffers that are not averaged (BN statistics for SWA, everything for EMA with "copy") come
-        from the base model; BN statistics must then be recomputed (see `batchnorm.py`).
-        """
-        module = build_model()
-        base_state = {clean_name(k): v for k, v in base_model.state_dict().items()}
-        module.load_state_dict(base_state)
-        module.to(device=device, dtype=torch.float32)
-        tensors = self.averaged if candidate is None else self.candidate_tensors(candidate)
-        self.placement.fill_module(tensors, module, num_processes)
-        return module
+    @property
+    def bound_model(self) -> Optional[nn.Module]:
+        """The model whose tensors the latest update read (None before the first update)."""
+        return self._bound_model
+
+    @property
+    def bound_sources(self) -> list[torch.Tensor]:
+        """That model's tensors, in the order of `averaged`."""
+        return self._sources
 
     def state_dict(self) -> dict:
         def cpu(tensors):

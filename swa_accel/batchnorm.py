@@ -125,3 +125,25 @@ def recompute_bn(
         offset += 2 * size
     module.train(was_training)
     return total
+
+
+def per_process_batch_size(loader) -> Optional[int]:
+    """A (prepared) loader's batch size on one process: accelerate moves it into the batch sampler."""
+    return getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+
+
+def bn_loader_from(train_loader, num_processes: int, process_index: int, max_samples: Optional[int], seed: int,
+                   pass_id: int) -> Callable[[], Any]:
+    """This rank's share of a BN pass over a training loader's own dataset and collate function: a seeded random
+    order (new for each `pass_id`), capped to `max_samples` (all ranks together), no padded duplicates.
+
+    A dataset without a length or indexing (an iterable) is read through the loader itself, as accelerate
+    shards it.
+    """
+    dataset = getattr(train_loader, "dataset", None)
+    batch_size = per_process_batch_size(train_loader)
+    if batch_size is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return lambda: train_loader
+    order = bn_order(len(dataset), seed, pass_id)
+    return lambda: shard_loader(dataset, batch_size, train_loader.collate_fn, num_processes, process_index,
+                                order=order, max_samples=max_samples)

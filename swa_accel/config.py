@@ -120,7 +120,10 @@ class SWAArguments:
     swa_start_fraction: float = _help("Start averaging after this fraction of the optimizer steps.", default=0.75)
     swa_start_epoch: Optional[int] = _help("Start averaging at this epoch (0-based); overrides the fraction.", default=None)
     swa_start_step: Optional[int] = _help("Start averaging at this optimizer step; overrides the fraction.", default=None)
-    swa_lr: Optional[float] = _help("Constant LR of the SWA phase; None keeps the pre-SWA schedule.", default=None)
+    # (Typed str for the command line; it holds a float, or a list of floats, once parsed.)
+    swa_lr: Optional[str] = _help(
+        "Constant LR of the SWA phase, as torch's SWALR: one rate for every param group, or one per group "
+        "('0.05,0.01'); the anneal starts from the last rate used. None keeps the pre-SWA schedule.", default=None)
     swa_anneal_steps: Optional[int] = _help("Steps of the anneal to swa_lr; None means one epoch of steps.", default=None)
     swa_anneal_strategy: str = _help("cos or linear anneal to swa_lr.", default="cos")
     swa_update_every_steps: Optional[int] = _help("Average every N optimizer steps; None averages at each epoch end.",
@@ -162,8 +165,7 @@ class SWAArguments:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {value}")
-        if self.swa_lr is not None and self.swa_lr <= 0:
-            raise ConfigError(f"swa_lr: must be > 0, got {self.swa_lr}")
+        self.swa_lr = _rates(self.swa_lr)
         if self.swa_anneal_steps is not None and self.swa_anneal_steps < 0:
             raise ConfigError(f"swa_anneal_steps: must be >= 0, got {self.swa_anneal_steps}")
         if self.swa_anneal_strategy not in ("cos", "linear"):
@@ -218,6 +220,12 @@ class SWAArguments:
         raise ConfigError(f"swa_start_candidates: list whole epochs (>= 0) or fractions in (0, 1), not a mix; "
                           f"got {text!r}")
 
+    def swa_lr_values(self) -> tuple[float, ...]:
+        """`swa_lr` as a tuple: one rate, or one per param group (empty when None)."""
+        if self.swa_lr is None:
+            return ()
+        return tuple(self.swa_lr) if isinstance(self.swa_lr, list) else (self.swa_lr,)
+
     def ema_decay_values(self) -> tuple[float, ...]:
         if self.ema_decays is None:
             return ()
@@ -240,6 +248,21 @@ def _comma_list(value: Any) -> Optional[str]:
         value = ",".join(str(v) for v in value)
     text = ",".join(part.strip() for part in str(value).split(",") if part.strip())
     return text or None
+
+
+def _rates(value: Any) -> Any:
+    """`swa_lr` from the command line, YAML or code: None, one rate (a float) or one per param group (a list)."""
+    text = _comma_list(value)
+    if text is None:
+        return None
+    try:
+        rates = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"swa_lr: must be a rate or a list of rates such as 0.05,0.01, got {value!r}") from None
+    for rate in rates:
+        if not rate > 0:
+            raise ConfigError(f"swa_lr: must be > 0, got {rate}")
+    return rates[0] if len(rates) == 1 else rates
 
 
 class _OneLineArgumentParser(HfArgumentParser):

@@ -34,7 +34,7 @@ from .evaluation import evaluate_model, load_metrics
 from .optim import build_optimizer
 from .outputs import (MetricsLog, candidates_table, plot_curves, summary_table, write_candidates,
                       write_resolved_config)
-from .schedule import TrainingPlan, lr_factor, make_plan, make_scheduler
+from .schedule import TrainingPlan, lr_curve, make_plan, make_scheduler
 from .sharded import local_shard
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
 from .swa import SWA
@@ -177,22 +177,21 @@ class Trainer:
             for loader in (self.train_loader, *self.eval_loaders.values()):
                 expose_loader_dataset(loader)
         self.plan: TrainingPlan = make_plan(len(self.train_loader), training, swa)
-        self.scheduler = make_scheduler(self.optimizer, self.plan, training, swa)
-        self.averaging: Optional[SWA] = None  # everything about the average (swa.py)
-        if swa.enabled:
-            self.averaging = SWA(accelerator, self.model, swa, self.plan, task.build_model, self.bn_loader_factory,
-                                 self.timed)
-            self.check_selection()
+        self.scheduler = make_scheduler(self.optimizer, self.plan, training)
         self.state = TrainState()
+        accelerator.register_for_checkpointing(self.scheduler, self.state)
+        self.averaging: Optional[SWA] = None  # everything about the average, its LR phase included (swa.py)
+        if swa.enabled:
+            self.averaging = SWA(accelerator, self.model, self.optimizer, self.train_loader, swa, plan=self.plan,
+                                 build_model=task.build_model, bn_loader=self.bn_loader_factory, seed=training.seed,
+                                 phase=self.timed)
+            self.check_selection()
         # The training loss stays on the device between logging steps, so no step waits for it.
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.loss_count = 0
         self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, written to final/timings.json
         # XLA's compile and transfer counts per phase, written to final/xla_counters.json.
         self.xla_counters = PhaseCounters() if self.xla else None
-        accelerator.register_for_checkpointing(self.scheduler, self.state)
-        if self.averaging is not None:
-            self.averaging.register_for_checkpointing()
         self.metrics = load_metrics(list(task.metric_names), accelerator.main_process_first)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl")
 
@@ -573,8 +572,7 @@ class Trainer:
                 (final_dir / "xla_counters.json").write_text(json.dumps(self.xla_counters.report(), indent=2),
                                                              encoding="utf-8")
             if self.training.plot:
-                lrs = [lr_factor(s, self.plan, self.training, self.swa) * self.training.learning_rate
-                       for s in range(self.plan.total_steps)]
+                lrs = lr_curve(self.plan, self.training, self.swa)
                 plot_curves(self.log.read(), lrs, self.plan.swa_start_step, self.task.primary_metric,
                             self.output_dir / "curves.png", choice)
             print("\nfinal evaluation (base = last iterate, swa = the chosen average):")

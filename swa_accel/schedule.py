@@ -1,4 +1,5 @@
-"""The learning-rate schedule, counted in optimizer steps: warmup, a pre-SWA shape, then SWALR's anneal.
+"""The run's timeline and its pre-SWA learning-rate schedule, counted in optimizer steps (the SWA phase's rate:
+`swa_lr.py`).
 
 Everything is a pure function of the optimizer step, so the LR at a given step does not depend on
 `num_processes` or `gradient_accumulation_steps` for the same global batch. We step our own
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, SWAArguments, TrainingArguments
+from .swa_lr import lr_curve as swa_lr_curve
 
 
 @dataclass(frozen=True)
@@ -45,22 +47,33 @@ class TrainingPlan:
 
 
 def make_plan(batches_per_epoch: int, training: TrainingArguments, swa: SWAArguments) -> TrainingPlan:
-    """Derives the budget and the SWA start from the prepared train loader's length.
+    """`plan_run` with the budget of a recipe's `TrainingArguments`."""
+    return plan_run(batches_per_epoch, swa, num_epochs=training.num_train_epochs, max_steps=training.max_train_steps,
+                    gradient_accumulation_steps=training.gradient_accumulation_steps)
+
+
+def plan_run(batches_per_epoch: int, swa: SWAArguments, num_epochs: Optional[int] = None,
+             max_steps: Optional[int] = None, gradient_accumulation_steps: int = 1) -> TrainingPlan:
+    """Derives the budget and the SWA timeline from the prepared train loader's length.
 
     Args:
         batches_per_epoch: `len()` of the prepared (sharded) training loader, i.e. micro-batches per
             process per epoch.
+        num_epochs, max_steps: the budget; `max_steps` (optimizer steps) wins when both are given.
 
     Raises:
-        ConfigError: the SWA start falls at or after the end of training.
+        ConfigError: no budget, or the SWA start falls at or after the end of training.
     """
     if batches_per_epoch < 1:
         raise ConfigError("per_device_train_batch_size: the training data gives no batch on each process")
-    steps_per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
-    if training.max_train_steps is not None:
-        total_steps = training.max_train_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
+    if max_steps is not None:
+        total_steps = max_steps
+    elif num_epochs is not None:
+        total_steps = steps_per_epoch * num_epochs
     else:
-        total_steps = steps_per_epoch * training.num_train_epochs
+        raise ConfigError("num_epochs: give the training budget, in epochs (num_epochs) or optimizer steps "
+                          "(max_steps), so that the SWA start can be placed in it")
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     swa_start = None
     if swa.enabled:
@@ -115,8 +128,8 @@ def candidate_starts(swa: SWAArguments, swa_start: int, steps_per_epoch: int,
     return tuple((candidate_name(step, steps_per_epoch), step) for step in ordered)
 
 
-def _pre_swa_factor(step: int, training: TrainingArguments, total_steps: int) -> float:
-    """Multiplier of the peak LR for optimizer step `step` (0-based) before SWA takes over."""
+def pre_swa_factor(step: int, training: TrainingArguments, total_steps: int) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based) of the pre-SWA schedule."""
     warmup = training.num_warmup_steps
     kind = training.lr_scheduler_type
     if kind == "one_cycle":
@@ -136,44 +149,25 @@ def _pre_swa_factor(step: int, training: TrainingArguments, total_steps: int) ->
     return 1.0
 
 
-def lr_factor(step: int, plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments,
-              base_lr: Optional[float] = None) -> float:
-    """LR multiplier for optimizer step `step` (0-based) of a param group whose initial LR is `base_lr`, as
-    LambdaLR expects (`base_lr` None: `training.learning_rate`).
+def make_scheduler(optimizer: torch.optim.Optimizer, plan: TrainingPlan,
+                   training: TrainingArguments) -> torch.optim.lr_scheduler.LambdaLR:
+    """The pre-SWA schedule as a LambdaLR, stepped once per real optimizer step (never passed to
+    `accelerator.prepare`). Each param group's base is the rate the optimizer was built with.
 
-    From `swa_start_step` on, the rate anneals (cos or linear, like `torch.optim.swa_utils.SWALR`)
-    from wherever the pre-SWA schedule stood to the constant `swa_lr`, over `anneal_steps` steps. As with
-    SWALR, `swa_lr` is the rate itself for every group, whatever the group's own LR before.
-    """
-    start = plan.swa_start_step
-    if start is None or swa.swa_lr is None or step < start:
-        return _pre_swa_factor(step, training, plan.total_steps)
-    from_factor = _pre_swa_factor(start, training, plan.total_steps)
-    to_factor = swa.swa_lr / (training.learning_rate if base_lr is None else base_lr)
-    progress = 1.0 if plan.anneal_steps == 0 else min(1.0, (step - start + 1) / plan.anneal_steps)
-    if swa.swa_anneal_strategy == "cos":
-        alpha = (1 - math.cos(math.pi * progress)) / 2
-    else:
-        alpha = progress
-    return to_factor * alpha + from_factor * (1 - alpha)
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR to be stepped once per real optimizer step (never passed to `accelerator.prepare`).
-
-    Each param group's base is the LR the optimizer was built with, never a second copy of it: a loop whose
-    optimizer runs at 1e-3 while `training.learning_rate` says 0.1 still reaches `swa_lr` in the SWA phase.
+    From the SWA start on, the SWA controller sets the rate (`swa_lr.SWALRPhase`), whatever this returns.
     """
 
-    # Plain functions, not callable objects: LambdaLR then keeps them out of the saved state,
-    # which holds only the step count.
-    def factor_for(base_lr: float):
-        def factor(step: int) -> float:
-            return lr_factor(step, plan, training, swa, base_lr)
+    # A plain function, not a callable object: LambdaLR then keeps it out of the saved state, which holds only
+    # the step count.
+    def factor(step: int) -> float:
+        return pre_swa_factor(step, training, plan.total_steps)
 
-        return factor
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    bases = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(base) for base in bases])
+
+def lr_curve(plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments) -> list[float]:
+    """The first param group's rate at every optimizer step of a recipe's run (for plots and tests)."""
+    pre = [pre_swa_factor(s, training, plan.total_steps) * training.learning_rate for s in range(plan.total_steps)]
+    rates = swa.swa_lr_values()
+    return swa_lr_curve(pre, plan.swa_start_step, plan.anneal_steps, swa.swa_anneal_strategy,
+                        rates[0] if rates else None)

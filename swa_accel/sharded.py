@@ -81,6 +81,8 @@ class ShardedPlacement:
     """
 
     name = "sharded"
+    #: `holding_average` yields the training model, which holds the average only inside the block.
+    separate_module = False
 
     def __init__(self, device: torch.device, offload_to_cpu: bool = False) -> None:
         self.device = torch.device("cpu") if offload_to_cpu else torch.device(device)
@@ -97,11 +99,23 @@ class ShardedPlacement:
             tensors.update({clean_name(n): local_shard(b) for n, b in model.named_buffers() if b.is_floating_point()})
         return tensors
 
-    def fill_module(self, averaged: Optional[dict[str, torch.Tensor]], module: nn.Module, num_processes: int) -> None:
-        raise NotImplementedError(
-            "the sharded placement never builds a full averaged module on every rank: use "
-            "swa_accel.sharded.swapped_in(averager, model) to evaluate the average in the sharded model, and "
-            "gather_full_state(averager, model, rank) inside it to export")
+    def holding_average(self, averager: WeightAverager, model: nn.Module, base_model: nn.Module,
+                        build_model: Callable[[], nn.Module], num_processes: int, candidate: Optional[str] = None,
+                        in_model: bool = True) -> contextlib.AbstractContextManager[nn.Module]:
+        """The training model with the average swapped in (`swapped_in`): never a full copy on every rank."""
+        return swapped_in(averager, model, candidate, yields=base_model)
+
+    def recompute_bn(self, module: nn.Module, loader_factory, device: torch.device, num_processes: int,
+                     autocast) -> int:
+        return recompute_bn_sharded(module, loader_factory, device, num_processes, autocast)
+
+    def full_state(self, averager: WeightAverager, module: nn.Module,
+                   process_index: int) -> Optional[dict[str, torch.Tensor]]:
+        """The average gathered once, on the main process (None elsewhere); call inside `holding_average`."""
+        return gather_full_state(averager, self.active_swap.model if self.active_swap else module, process_index)
+
+    def register_checkpointing(self, accelerator, averager: WeightAverager) -> None:
+        register_shard_checkpointing(accelerator, averager)
 
 
 def averaged_bytes(averager: WeightAverager) -> int:
@@ -141,9 +155,9 @@ def _check_binding(averager: WeightAverager, model: nn.Module, params: dict[str,
     FSDP2 re-creates a parameter's local storage when it is replaced (e.g. `load_state_dict(assign=True)`);
     in-place optimizer steps and plain `load_state_dict` keep it.
     """
-    if getattr(averager, "_bound_model", None) is not model:
+    if averager.bound_model is not model:
         return
-    for name, bound in zip(averager.averaged, getattr(averager, "_sources", [])):
+    for name, bound in zip(averager.averaged, averager.bound_sources):
         live = params.get(name)
         if live is not None and (live.data_ptr() != bound.data_ptr() or live.shape != bound.shape):
             raise RuntimeError(f"sharded average: the storage of {name!r} changed after the averager bound the "
@@ -152,7 +166,8 @@ def _check_binding(averager: WeightAverager, model: nn.Module, params: dict[str,
 
 
 @contextlib.contextmanager
-def swapped_in(averager: WeightAverager, model: nn.Module, candidate: Optional[str] = None) -> Iterator[nn.Module]:
+def swapped_in(averager: WeightAverager, model: nn.Module, candidate: Optional[str] = None,
+               yields: Optional[nn.Module] = None) -> Iterator[nn.Module]:
     """Holds the average (or the averager's `candidate`) in the sharded model, cast to each parameter's dtype.
 
     Call it on every rank. Inside, run forwards only (BN recompute, evaluation, `gather_full_state`);
@@ -163,6 +178,7 @@ def swapped_in(averager: WeightAverager, model: nn.Module, candidate: Optional[s
     training weights meanwhile; a low-precision parameter cannot hold the fp32 average, so its
     training value is saved aside instead (in its own, smaller, dtype). Buffers are saved aside (small).
     A candidate that starts later is computed into a temporary fp32 copy of the local shards first.
+    The block receives `yields` (the model by default; the SWA controller passes it unwrapped).
     """
     placement = averager.placement
     if not isinstance(placement, ShardedPlacement):
@@ -194,7 +210,7 @@ def swapped_in(averager: WeightAverager, model: nn.Module, candidate: Optional[s
                     live.copy_(average)
                     swap.fp32_average[name] = average
         placement.active_swap = swap
-        yield model
+        yield model if yields is None else yields
     finally:
         with torch.no_grad():
             reshard_all(model)  # drops unsharded copies that hold the average

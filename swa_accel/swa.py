@@ -1,33 +1,36 @@
-"""The average during a run, in one object: when to update it, where it lives, its candidates, the averaged model
-with BN recomputed, checkpointing, the export.
+"""SWA in any accelerate loop, as one object: when to average, the SWA phase's learning rate, where the average
+lives, its candidates, the averaged model with BN recomputed across ranks, checkpointing and the export.
 
-A training loop builds one `SWA` after `accelerator.prepare` and calls it at named points:
+In your own loop (see recipes/own_loop.py), after `accelerator.prepare`:
 
-    swa = SWA(accelerator, model, swa_args, plan, build_model, bn_loader)
-    ...  # after every real optimizer step (counted by `accelerator.sync_gradients`):
-    swa.after_step(global_step, epoch_end, stepped=not accelerator.optimizer_step_was_skipped)
-    ...  # to evaluate or save the average, on every rank:
-    with swa.average_in_model() as module:  # BN statistics recomputed; None before the first update
-        evaluate(module)
-    choice, module = swa.score_candidates(evaluate_fn, validation_split, metric)  # at the end
+    swa = SWA(accelerator, model, optimizer, train_loader, SWAArguments(swa_start_epoch=6, swa_lr=0.05),
+              num_epochs=10)
+    for epoch in range(10):
+        for x, y in train_loader:
+            ...  # forward, backward, optimizer.step(), your scheduler's step()
+            swa.step()  # averages when due, and runs the LR from the SWA start (torch's SWALR)
+    with swa.average_in_model(full_bn_pass=True) as swa_model:  # on every rank; BN statistics recomputed
+        evaluate(swa_model)
 
-The LR of the SWA phase is the scheduler's (`schedule.make_scheduler`); the loop steps it.
+accelerate's `save_state`/`load_state` then hold the average too. The recipes' Trainer and the
+`transformers.Trainer` callback (`hf_trainer.py`) drive the same object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, ContextManager, Optional
 
 from torch import nn
 
 from .averaging import MainProcessPlacement, WeightAverager, choose_placement
-from .batchnorm import recompute_bn
+from .batchnorm import bn_loader_from
 from .candidates import Candidate, Choice, choose
 from .config import ConfigError, SWAArguments
-from .schedule import TrainingPlan
-from .sharded import (ShardedPlacement, gather_full_state, recompute_bn_sharded, register_shard_checkpointing,
-                      swapped_in)
+from .schedule import TrainingPlan, plan_run
+from .sharded import ShardedPlacement
+from .swa_lr import SWALRPhase
 
 #: `bn_loader(full_pass)`: a factory of this rank's loader for one BN pass (capped unless `full_pass`).
 BNLoader = Callable[[bool], Callable[[], Any]]
@@ -45,21 +48,37 @@ class SWA:
     Args:
         accelerator: the run's Accelerator.
         model: the prepared (possibly wrapped, compiled or sharded) model.
+        optimizer: the prepared optimizer; from the SWA start on, its rates follow `swa_lr` as with torch's
+            `SWALR` (one rate, or one per param group), annealed from the last rate used. `swa_lr` None leaves
+            the rates to your scheduler.
+        train_loader: the prepared training loader: its length fixes the steps per epoch, and the BN
+            recompute reads its dataset (each rank its share, no duplicates) unless `bn_loader` is given.
         args: the SWA settings.
-        plan: the run's timeline in optimizer steps (`schedule.make_plan`): the SWA start, update cadence,
-            later candidate starts.
-        build_model: returns a fresh module of the model's architecture (for the averaged module and exports).
+        num_epochs, max_steps: the training budget (one of them), to place the SWA start and candidates in.
+        plan: the timeline, when the loop has made it already (`schedule.make_plan`); replaces the budget.
+        build_model: a fresh module of the model's architecture, for the averaged module and the export
+            (default: a copy of the unwrapped model; needed under FSDP2).
         bn_loader: see `BNLoader`.
+        seed: seeds the BN passes' random order.
         phase: see `Phase`.
+        register: register with accelerate's checkpointing (off where the loop saves the state itself).
 
     Raises:
-        ConfigError: the launch shards the weights in a way no placement averages (FSDP1, ZeRO-3).
+        ConfigError: the launch shards the weights in a way no placement averages (FSDP1, ZeRO-3), the budget
+            is missing, or `swa_lr` does not fit the optimizer's param groups.
     """
 
-    def __init__(self, accelerator, model: nn.Module, args: SWAArguments, plan: TrainingPlan,
-                 build_model: Callable[[], nn.Module], bn_loader: BNLoader, phase: Phase = _no_phase) -> None:
-        self.accelerator, self.model, self.args, self.plan = accelerator, model, args, plan
-        self.build_model, self.bn_loader, self.phase = build_model, bn_loader, phase
+    def __init__(self, accelerator, model: nn.Module, optimizer, train_loader, args: SWAArguments, *,
+                 num_epochs: Optional[int] = None, max_steps: Optional[int] = None,
+                 plan: Optional[TrainingPlan] = None, build_model: Optional[Callable[[], nn.Module]] = None,
+                 bn_loader: Optional[BNLoader] = None, seed: int = 0, phase: Phase = _no_phase,
+                 register: bool = True) -> None:
+        if not args.enabled:
+            raise ConfigError("swa_method: 'none' averages nothing; build no SWA object for such a run")
+        self.accelerator, self.model, self.args = accelerator, model, args
+        self.train_loader, self.seed, self.phase = train_loader, seed, phase
+        self.plan = plan or plan_run(len(train_loader), args, num_epochs, max_steps,
+                                     accelerator.gradient_accumulation_steps)
         deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
         fsdp = getattr(accelerator.state, "fsdp_plugin", None)
         try:
@@ -68,29 +87,65 @@ class SWA:
                                               getattr(fsdp, "fsdp_version", None))
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        # Sharded: the average lives in shards and is used by swapping it into the model (sharded.py).
-        self.sharded = placement_name == "sharded"
-        placement = (ShardedPlacement if self.sharded else MainProcessPlacement)(
-            accelerator.device, offload_to_cpu=args.swa_offload_to_cpu)
-        self.averager = WeightAverager(model, args.swa_method, placement, accelerator.process_index, args.ema_decay,
-                                       args.ema_warmup, args.ema_buffers, args.ema_decay_values())
+        placement_type = ShardedPlacement if placement_name == "sharded" else MainProcessPlacement
+        if build_model is None and placement_type is ShardedPlacement:
+            raise ConfigError("build_model: a sharded average is exported into a fresh module; pass build_model")
+        self.placement = placement_type(accelerator.device, offload_to_cpu=args.swa_offload_to_cpu)
+        self.build_model = build_model or self._copy_of_model
+        self.bn_loader = bn_loader or self._bn_loader_from_train_loader
+        self.averager = WeightAverager(model, args.swa_method, self.placement, accelerator.process_index,
+                                       args.ema_decay, args.ema_warmup, args.ema_buffers, args.ema_decay_values())
+        self.lr_phase = None
+        if args.swa_lr is not None:
+            self.lr_phase = SWALRPhase(optimizer, args.swa_lr_values(), self.plan.swa_start_step,
+                                       self.plan.anneal_steps, args.swa_anneal_strategy)
+        self.steps_done = 0  # real optimizer steps so far
+        if register:
+            accelerator.register_for_checkpointing(self)
+            self.placement.register_checkpointing(accelerator, self.averager)
 
-    def register_for_checkpointing(self) -> None:
-        """accelerate's `save_state`/`load_state` then save and restore the average (sharded: one file per rank)."""
-        if self.sharded:
-            register_shard_checkpointing(self.accelerator, self.averager)
-        else:
-            self.accelerator.register_for_checkpointing(self.averager)
+    def _copy_of_model(self) -> nn.Module:
+        return copy.deepcopy(self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False))
+
+    def _bn_loader_from_train_loader(self, full_bn_pass: bool) -> Callable[[], Any]:
+        acc = self.accelerator
+        cap = None if full_bn_pass else self.args.bn_recompute_max_samples
+        return bn_loader_from(self.train_loader, acc.num_processes, acc.process_index, cap, self.seed,
+                              self.steps_done)
 
     @property
     def n_averaged(self) -> int:
         return self.averager.n_averaged
 
+    # ----- checkpointing (accelerate's custom objects; the average itself is registered by its placement) ----
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state["steps_done"])
+        if self.lr_phase is not None:
+            self.lr_phase.steps_done = self.steps_done
+
     # ----- during training ------------------------------------------------------------------
 
+    def step(self) -> None:
+        """Call after every `optimizer.step()` (also inside gradient accumulation: only real optimizer steps
+        count). Updates the average when due and sets the SWA phase's rate for the next step."""
+        acc = self.accelerator
+        if not acc.sync_gradients:
+            return
+        done = self.steps_done + 1
+        self.after_step(done, epoch_end=done % self.plan.steps_per_epoch == 0,
+                        stepped=not acc.optimizer_step_was_skipped)
+
     def after_step(self, global_step: int, epoch_end: bool, stepped: bool) -> None:
-        """Starts the candidates due and folds the weights in when the plan says so, after optimizer step
-        `global_step`. `stepped` False (an fp16 overflow skipped the step): the average does not move."""
+        """What `step` does, for a loop that counts steps and epochs itself: after optimizer step `global_step`
+        (1-based). `stepped` False (an fp16 overflow skipped the step): the average does not move."""
+        self.steps_done = global_step
+        if self.lr_phase is not None:
+            self.lr_phase.steps_done = global_step
+            self.lr_phase.apply(global_step)  # the next step's rate, set now so that logs show it
         # A candidate starting at step c averages the updates after step c: its copy is taken before them.
         for name, start in self.plan.candidates:
             if start < global_step and name not in self.averager.starts:
@@ -104,69 +159,69 @@ class SWA:
     # ----- the averaged model ---------------------------------------------------------------
 
     def eval_input_dtype(self, training_input_dtype):
-        """The input dtype for evaluating `average_in_model`'s module: a sharded average is evaluated in the
-        training model, in its dtype; the main placement's module is fp32."""
-        return training_input_dtype if self.sharded else None
+        """The input dtype for evaluating `average_in_model`'s module: the training model's where the average is
+        swapped into it; a separate module is fp32."""
+        return None if self.placement.separate_module else training_input_dtype
 
     @contextlib.contextmanager
-    def average_in_model(self, full_bn_pass: bool = False, candidate: Optional[str] = None):
+    def average_in_model(self, full_bn_pass: bool = False, candidate: Optional[str] = None,
+                         in_training_model: bool = False):
         """Yields a module holding the average (or a candidate), BN recomputed, on every rank; None before averaging.
 
-        Main placement: a separate fp32 module (it outlives the block). Sharded placement: the training model
-        itself, with the averaged shards swapped in until the block ends (no full gather); its weights and
-        buffers are then restored bit for bit. Intermediate uses recompute BN over `bn_recompute_max_samples`
-        random training samples; `full_bn_pass` (the final export) reads the whole training set.
+        Main placement: a separate fp32 module (it outlives the block), or with `in_training_model` the
+        training model itself (as Lightning and `transformers.Trainer` evaluate). Sharded placement: always the
+        training model, with the averaged shards swapped in (no full gather). A training model gets its own
+        weights and buffers back bit for bit when the block ends. Intermediate uses recompute BN over
+        `bn_recompute_max_samples` random training samples; `full_bn_pass` (the export) reads them all.
         """
         if self.averager.n_averaged == 0:
             yield None
             return
         acc = self.accelerator
-        if not self.sharded:
-            module = self.averager.materialize(self.build_model, acc.unwrap_model(self.model), acc.device,
-                                               acc.num_processes, candidate)
-            self._recompute_bn(recompute_bn, module, full_bn_pass)
+        with self.placement.holding_average(self.averager, self.model, acc.unwrap_model(self.model),
+                                            self.build_model, acc.num_processes, candidate,
+                                            in_model=in_training_model) as module:
+            if self.args.swa_method == "swa":  # (an EMA averages the BN buffers, or copies them)
+                with self.phase("bn_recompute"):
+                    self.placement.recompute_bn(module, self.bn_loader(full_bn_pass), acc.device, acc.num_processes,
+                                                acc.autocast)
             yield module
-            return
-        with swapped_in(self.averager, self.model, candidate):
-            module = acc.unwrap_model(self.model)
-            self._recompute_bn(recompute_bn_sharded, module, full_bn_pass)
-            yield module
-
-    def _recompute_bn(self, recompute: Callable, module: nn.Module, full_bn_pass: bool) -> None:
-        if self.args.swa_method == "swa":  # (an EMA averages the BN buffers, or copies them)
-            acc = self.accelerator
-            with self.phase("bn_recompute"):
-                recompute(module, self.bn_loader(full_bn_pass), acc.device, acc.num_processes, acc.autocast)
 
     def module_to_keep(self, module: Optional[nn.Module]) -> Optional[nn.Module]:
-        """`average_in_model`'s module if it outlives its block (main placement), else None (the training model)."""
-        return None if self.sharded else module
+        """`average_in_model`'s module if it outlives its block (a separate module), else None."""
+        return module if self.placement.separate_module else None
 
     def module_for_checkpoint(self, evaluated: Optional[nn.Module]) -> Optional[nn.Module]:
         """The averaged module a checkpoint saves beside the training state: the one just evaluated or exported,
-        else a new one; None before averaging, and under the sharded placement (its checkpoint holds the shards,
-        and a full module would be a gather at every checkpoint)."""
-        if evaluated is not None or self.sharded:
+        else a new one; None before averaging, and where the average lives in shards (the checkpoint holds
+        them, and a full module would be a gather at every checkpoint)."""
+        if evaluated is not None or not self.placement.separate_module:
             return evaluated
         with self.average_in_model() as module:
             return module
 
-    def export(self, candidate: Optional[str]) -> Optional[nn.Module]:
-        """The sharded average gathered once into an fp32 module on the main process (None elsewhere), for saving."""
-        with self.average_in_model(full_bn_pass=True, candidate=candidate):
-            state = gather_full_state(self.averager, self.model, self.accelerator.process_index)
+    def export(self, candidate: Optional[str] = None) -> Optional[nn.Module]:
+        """The average (or a candidate) as an fp32 module with BN recomputed over the whole training set, on the
+        main process (None elsewhere, and before averaging). Call it on every rank."""
+        acc = self.accelerator
+        with self.average_in_model(full_bn_pass=True, candidate=candidate) as module:
+            if module is None:
+                return None
+            if self.placement.separate_module:
+                return module if acc.is_main_process else None
+            state = self.placement.full_state(self.averager, module, acc.process_index)
         if state is None:
             return None
-        module = self.build_model()
-        module.load_state_dict(state)
-        return module.float()
+        exported = self.build_model()
+        exported.load_state_dict(state)
+        return exported.float()
 
     # ----- at the end ----------------------------------------------------------------------
 
     def score_candidates(self, evaluate: Callable[[nn.Module], dict], split: Optional[str],
                          metric: str) -> tuple[Optional[Choice], Optional[nn.Module]]:
         """Scores every candidate average (full BN pass each) with `evaluate(module) -> {split: metrics}`: the
-        choice on `split` and the chosen average's module (sharded: on the main process only).
+        choice on `split` and the chosen average's module (in shards: on the main process only).
 
         One candidate module exists at a time besides the best so far. (None, None) before averaging.
         """
@@ -189,6 +244,6 @@ class SWA:
             if choice.chosen == name:
                 best_module = self.module_to_keep(module)
             del module
-        if self.sharded:  # the BN pass is seeded by the step, so this export is the module just scored
+        if not self.placement.separate_module:  # the BN pass is seeded by the step: the export is what was scored
             best_module = self.export(choice.chosen)
         return choice, best_module

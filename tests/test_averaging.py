@@ -160,7 +160,7 @@ def test_state_dict_round_trip_and_materialize():
     assert restored.n_averaged == 3
     for name, value in averager.averaged.items():
         assert torch.equal(restored.averaged[name], value)
-    module = averager.materialize(small_net, model, CPU, num_processes=1)
+    module = averager.placement.materialize(averager, small_net, model, num_processes=1)
     assert module[4].weight.dtype == torch.float32
     assert torch.equal(module[4].weight, averager.averaged["4.weight"])
     with pytest.raises(ValueError, match="swa_method"):

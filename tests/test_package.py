@@ -59,6 +59,12 @@ def test_the_wheel_holds_every_module_and_metric_and_imports_outside_the_reposit
     assert result.stdout.splitlines()[0].startswith(str(target))
 
 
+def test_the_own_loop_needs_at_most_five_lines_of_swa():
+    lines = [line for line in (ROOT / "recipes" / "own_loop.py").read_text().splitlines()
+             if "# SWA" in line and not line.lstrip().startswith(("#", '"'))]
+    assert 1 <= len(lines) <= 5, lines
+
+
 @pytest.mark.parametrize("processes,batch", [(1, 32), (2, 16)])
 def test_the_own_loop_example_averages_its_snapshots_and_recomputes_bn(tmp_path, monkeypatch, processes, batch):
     out = tmp_path / "own"
@@ -68,6 +74,7 @@ def test_the_own_loop_example_averages_its_snapshots_and_recomputes_bn(tmp_path,
                     num_processes=processes)
     accuracy = float(re.search(r"swa test accuracy (\d\.\d+)", result.stdout).group(1))
     assert accuracy > 0.85
+    assert "swa phase lr 0.05" in result.stdout  # SWALR's constant rate, set on the user's own optimizer
     snapshots = [load_file(p) for p in sorted((out / "snapshots").glob("*.safetensors"))]
     assert len(snapshots) == 3  # the ends of epochs 3, 4 and 5 (averaging starts after epoch 2)
     averaged = load_file(out / "swa.safetensors")

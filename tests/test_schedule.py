@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from swa_accel.config import ConfigError, SWAArguments, TrainingArguments
-from swa_accel.schedule import lr_factor, make_plan, make_scheduler
+from swa_accel.schedule import lr_curve, make_plan, make_scheduler, pre_swa_factor
+from swa_accel.swa_lr import SWALRPhase
 
 
 def args(**overrides):
@@ -19,7 +20,7 @@ def args(**overrides):
 def lrs(batches_per_epoch, **overrides):
     training, swa = args(**overrides)
     plan = make_plan(batches_per_epoch, training, swa)
-    return plan, [lr_factor(s, plan, training, swa) * training.learning_rate for s in range(plan.total_steps)]
+    return plan, lr_curve(plan, training, swa)
 
 
 def test_swa_start_by_fraction_epoch_and_step():
@@ -53,9 +54,9 @@ def test_warmup_then_cosine_then_swalr_style_anneal_to_constant():
     assert values[0] == pytest.approx(0.1 / 5)
     assert values[4] == pytest.approx(0.1)
     start = plan.swa_start_step
-    pre = 0.1 * 0.5 * (1 + math.cos(math.pi * (start - 5) / (100 - 5)))
-    assert values[start - 1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * (start - 6) / 95)))
-    # The anneal moves monotonically from the pre-SWA value to swa_lr, reaching it after 10 steps.
+    pre = 0.1 * 0.5 * (1 + math.cos(math.pi * (start - 6) / 95))  # the last rate used before the SWA phase
+    assert values[start - 1] == pytest.approx(pre)
+    # The anneal moves monotonically from the last pre-SWA rate to swa_lr (as SWALR), reaching it after 10 steps.
     anneal = values[start:start + 10]
     assert all(a > b for a, b in zip([pre] + anneal, anneal))
     alpha = (1 - math.cos(math.pi * 1 / 10)) / 2
@@ -82,18 +83,22 @@ def test_linear_constant_and_one_cycle_shapes():
     assert peak == 30 and cycle[0] == pytest.approx(0.004) and cycle[-1] < 0.001
 
 
-def test_scheduler_steps_follow_the_factor_and_its_state_holds_no_code():
+def test_scheduler_and_swa_phase_give_the_planned_curve_and_the_state_holds_no_code():
     training, swa = args(num_train_epochs=3, swa_lr=0.01, learning_rate=0.1)
     plan = make_plan(4, training, swa)
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=training.learning_rate)
-    scheduler = make_scheduler(optimizer, plan, training, swa)
+    scheduler = make_scheduler(optimizer, plan, training)
+    phase = SWALRPhase(optimizer, swa.swa_lr_values(), plan.swa_start_step, plan.anneal_steps, "cos")
     seen = []
-    for _ in range(plan.total_steps):
+    for step in range(plan.total_steps):
+        optimizer.step()  # (the phase's pre-hook sets the rate of an SWA-phase step right before it)
         seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
         scheduler.step()
-    assert seen == pytest.approx([lr_factor(s, plan, training, swa) * 0.1 for s in range(plan.total_steps)])
+        phase.steps_done = step + 1
+    assert seen == pytest.approx(lr_curve(plan, training, swa))
+    assert seen[:plan.swa_start_step] == pytest.approx(
+        [pre_swa_factor(s, training, plan.total_steps) * 0.1 for s in range(plan.swa_start_step)])
     assert scheduler.state_dict()["lr_lambdas"] == [None]
     torch.save(scheduler.state_dict(), "/dev/null")
 
@@ -115,27 +120,74 @@ def test_averaging_timeline():
     assert [s for s in (10, 20, 30, 40) if plan.update_at_epoch_end(s)] == [30, 40]
 
 
-def test_the_swa_phase_matches_swalr_per_group_with_the_optimizers_own_rates():
-    """Each group's base is the optimizer's LR, never `learning_rate`: two AdamW groups at 1e-3 and 2e-3 while
-    `learning_rate` keeps its default 0.1 (which once made the SWA phase run 100x too low) follow torch's
-    `SWALR` step for step, and both end at `swa_lr`, as SWALR sets every group to it."""
+def swalr_twins(rates, swa_lr, anneal_epochs, pre_swa_gamma=0.9):
+    """Two identical optimizers with one group per rate: ours under `SWALRPhase`, theirs under torch's `SWALR`,
+    both after an ExponentialLR (so the last rate used differs from the schedule's next value)."""
     from torch.optim.swa_utils import SWALR
 
     def optimizer():
-        return torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (1e-3, 2e-3)])
+        return torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in rates])
 
-    training, swa = args(num_train_epochs=4, lr_scheduler_type="constant", swa_start_epoch=2, swa_lr=5e-4,
-                         swa_anneal_steps=3)
-    assert training.learning_rate == 0.1
-    plan = make_plan(5, training, swa)
     ours, theirs = optimizer(), optimizer()
-    scheduler, swalr = make_scheduler(ours, plan, training, swa), SWALR(theirs, swa_lr=5e-4, anneal_epochs=3)
-    for step in range(plan.total_steps):
-        assert [g["lr"] for g in ours.param_groups] == pytest.approx([g["lr"] for g in theirs.param_groups],
-                                                                       rel=1e-12), step
-        ours.step(), theirs.step()
-        scheduler.step()
-        if step + 1 >= plan.swa_start_step:
+    return (ours, torch.optim.lr_scheduler.ExponentialLR(ours, pre_swa_gamma),
+            theirs, torch.optim.lr_scheduler.ExponentialLR(theirs, pre_swa_gamma),
+            lambda start: SWALRPhase(ours, swa_lr if isinstance(swa_lr, list) else [swa_lr], start, anneal_epochs,
+                                     "cos"),
+            SWALR(theirs, swa_lr=swa_lr, anneal_epochs=anneal_epochs))
+
+
+@pytest.mark.parametrize("swa_lr", [5e-4, [5e-4, 3e-3]])
+def test_the_swa_phase_matches_swalr_step_for_step(swa_lr):
+    """As in torch's SWALR usage, the pre-SWA scheduler steps until the SWA start and SWALR after it. Ours runs
+    the same curve from the optimizer the user built: one `swa_lr` for every group, or one per group, annealed from
+    the last rate each group used; the user's scheduler may go on stepping, it moves nothing in the SWA phase."""
+    start, total = 6, 14
+    ours, our_scheduler, theirs, their_scheduler, make_phase, swalr = swalr_twins((1e-3, 2e-3), swa_lr, 3)
+    phase = make_phase(start)
+    for step in range(total):
+        ours.step(), theirs.step()  # (the phase sets our rate right before a step of the SWA phase)
+        used = [g["lr"] for g in ours.param_groups]
+        assert used == pytest.approx([g["lr"] for g in theirs.param_groups], rel=1e-12), step
+        our_scheduler.step()  # the user's scheduler keeps stepping: the phase overrides it
+        phase.steps_done = step + 1
+        if step + 1 < start:
+            their_scheduler.step()
+        else:
             swalr.step()
-    assert [g["lr"] for g in ours.param_groups] == pytest.approx([5e-4, 5e-4], rel=1e-12)
-    assert scheduler.state_dict()["lr_lambdas"] == [None, None]  # (still no code in the saved state)
+    expected = swa_lr if isinstance(swa_lr, list) else [swa_lr, swa_lr]
+    assert used == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_anneal_start_travels_with_the_optimizer_state():
+    """A run resumed inside the anneal goes on from the saved start (the last pre-SWA rate), not from whatever
+    rate the restored groups or a scheduler hold."""
+    def run(optimizer, scheduler, phase, steps):
+        used = []
+        for _ in range(steps):
+            optimizer.step()
+            used.append(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+            phase.steps_done += 1
+        return used
+
+    ours, scheduler, *_ = swalr_twins((1e-3,), 5e-4, 4)
+    reference = run(ours, scheduler, SWALRPhase(ours, [5e-4], 5, 4, "cos"), 9)
+    first, first_scheduler, *_ = swalr_twins((1e-3,), 5e-4, 4)
+    run(first, first_scheduler, SWALRPhase(first, [5e-4], 5, 4, "cos"), 7)
+    resumed, fresh_scheduler, *_ = swalr_twins((1e-3,), 5e-4, 4)  # (its scheduler starts over at 1e-3)
+    resumed.load_state_dict(first.state_dict())
+    phase = SWALRPhase(resumed, [5e-4], 5, 4, "cos")
+    phase.steps_done = 7
+    assert run(resumed, fresh_scheduler, phase, 2) == pytest.approx(reference[7:], rel=1e-12)
+    assert reference[4] > reference[5] > reference[7] > 5e-4
+
+
+def test_swa_lr_lists_are_checked_against_the_param_groups():
+    optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(2)], lr=0.1)
+    with pytest.raises(ConfigError, match="^swa_lr: 3 values for an optimizer with 2 param groups"):
+        SWALRPhase(optimizer, [0.1, 0.2, 0.3], 0, 1, "cos")
+    assert SWAArguments(swa_lr="0.05, 0.01").swa_lr_values() == (0.05, 0.01)
+    assert SWAArguments(swa_lr=[0.05, 0.01]).swa_lr == [0.05, 0.01]
+    assert SWAArguments(swa_lr=0.05).swa_lr == 0.05
+    with pytest.raises(ConfigError, match="^swa_lr: must be > 0, got -0.1"):
+        SWAArguments(swa_lr="0.1,-0.1")

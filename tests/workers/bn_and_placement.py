@@ -84,7 +84,7 @@ def main():
             for p in model.parameters():
                 p.add_(0.01 * (step + 1))
             averager.update(model)
-    module = averager.materialize(Net, accelerator.unwrap_model(model), accelerator.device, world)
+    module = averager.placement.materialize(averager, Net, accelerator.unwrap_model(model), world)
     flat = torch.cat([p.detach().flatten() for p in module.parameters()])
     everyone = accelerator.gather(flat.unsqueeze(0))
     holds = accelerator.gather(torch.tensor([1.0 if averager.averaged is not None else 0.0])).tolist()

@@ -133,15 +133,15 @@ def per_process_batch_size(loader) -> Optional[int]:
 
 
 def bn_loader_from(train_loader, num_processes: int, process_index: int, max_samples: Optional[int], seed: int,
-                   pass_id: int) -> Callable[[], Any]:
+                   pass_id: int, batch_size: Optional[int] = None) -> Callable[[], Any]:
     """This rank's share of a BN pass over a training loader's own dataset and collate function: a seeded random
     order (new for each `pass_id`), capped to `max_samples` (all ranks together), no padded duplicates.
 
     A dataset without a length or indexing (an iterable) is read through the loader itself, as accelerate
-    shards it.
+    shards it. `batch_size` None: the loader's own.
     """
     dataset = getattr(train_loader, "dataset", None)
-    batch_size = per_process_batch_size(train_loader)
+    batch_size = batch_size or per_process_batch_size(train_loader)
     if batch_size is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         return lambda: train_loader
     order = bn_order(len(dataset), seed, pass_id)

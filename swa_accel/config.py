@@ -153,6 +153,11 @@ class SWAArguments:
         "checkpoint, drawn at random; precise-BN work finds 10^3 to 10^4 enough. The final export always uses "
         "a full pass. None: always full.",
         default=4096)
+    bn_recompute_batch_size: Optional[int] = _help(
+        "Per-process batch size of the BN recompute's forwards. They keep no gradients, so they can be as large as "
+        "evaluation batches; each batch's mean and unbiased variance estimate the data's at any batch size, and "
+        "larger batches need fewer forwards. None: the training batch size (what torch's update_bn over the "
+        "train loader uses).", default=None)
 
     def __post_init__(self) -> None:
         if self.swa_method not in ("swa", "ema", "none"):
@@ -191,6 +196,8 @@ class SWAArguments:
                               f"got {self.selection_metric!r}")
         if self.swa_placement not in ("auto", "main", "sharded"):
             raise ConfigError(f"swa_placement: must be auto, main or sharded, got {self.swa_placement!r}")
+        if self.bn_recompute_batch_size is not None and self.bn_recompute_batch_size < 1:
+            raise ConfigError(f"bn_recompute_batch_size: must be >= 1, got {self.bn_recompute_batch_size}")
         if self.bn_recompute_max_samples is not None and self.bn_recompute_max_samples < 1:
             raise ConfigError(f"bn_recompute_max_samples: must be >= 1, got {self.bn_recompute_max_samples}")
 

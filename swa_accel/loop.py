@@ -268,7 +268,8 @@ class Trainer:
 
         def loader():
             order = bn_order(len(self.bn_view), self.training.seed, step)
-            return shard_loader(self.bn_view, self.training.per_device_train_batch_size, self.task.collate_fn,
+            batch_size = self.swa.bn_recompute_batch_size or self.training.per_device_train_batch_size
+            return shard_loader(self.bn_view, batch_size, self.task.collate_fn,
                                 acc.num_processes, acc.process_index, self.num_workers(self.bn_view),
                                 order=order, max_samples=cap)
 
@@ -288,10 +289,12 @@ class Trainer:
 
     @contextmanager
     def timed(self, phase: str):
+        """Times a phase; after the loop (`finish`), as `final_<phase>`, so the loop's own shares stay readable."""
+        key = f"final_{phase}" if "total" in self.timings and not phase.startswith("final_") else phase
         start = time.perf_counter()
         with self.counted(phase):
             yield
-        self.timings[phase] += time.perf_counter() - start
+        self.timings[key] += time.perf_counter() - start
 
     @contextmanager
     def counted(self, phase: str):

@@ -111,7 +111,7 @@ class SWA:
         acc = self.accelerator
         cap = None if full_bn_pass else self.args.bn_recompute_max_samples
         return bn_loader_from(self.train_loader, acc.num_processes, acc.process_index, cap, self.seed,
-                              self.steps_done)
+                              self.steps_done, self.args.bn_recompute_batch_size)
 
     @property
     def n_averaged(self) -> int:

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from swa_accel.batches import forward_logits  # noqa: E402
-from swa_accel.loop import Trainer  # noqa: E402
+from swa_accel.loop import RecipeTrainer  # noqa: E402
 from swa_accel.xla import mark_step  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def run_recipe_timed(config: str, overrides: list[str], steps: int, warmup: int)
 
     marks: dict[int, float] = {}
     compiled = []
-    original = Trainer.after_optimizer_step
+    original = RecipeTrainer.after_optimizer_step
 
     def timed_step(self):
         original(self)
@@ -86,7 +86,7 @@ def run_recipe_timed(config: str, overrides: list[str], steps: int, warmup: int)
             synchronize(self.accelerator.device)
             marks[self.state.global_step] = time.perf_counter()
 
-    Trainer.after_optimizer_step = timed_step
+    RecipeTrainer.after_optimizer_step = timed_step
     run_recipe(recipe_module(config).setup, recipe_argv(config, overrides, steps))
     return {"ms_per_step": 1e3 * (marks[steps] - marks[warmup]) / (steps - warmup), "compiled": compiled[0]}
 

@@ -10,15 +10,15 @@ from the loop, and its compile and transfer counters).
 
 from .averaging import MainProcessPlacement, WeightAverager
 from .batchnorm import recompute_bn
-from .config import ConfigError, SWAArguments, TrainingArguments, parse_config
+from .config import ConfigError, SWAArguments, RunArguments, parse_config
 from .launch import make_accelerator
-from .loop import Task, Trainer, train
+from .loop import Task, RecipeTrainer, train
 from .sharded import ShardedPlacement
 from .swa import SWA
 
 __all__ = [
-    "ConfigError", "MainProcessPlacement", "SWA", "SWAArguments", "ShardedPlacement", "Task", "Trainer",
-    "TrainingArguments",
+    "ConfigError", "MainProcessPlacement", "SWA", "SWAArguments", "ShardedPlacement", "Task", "RecipeTrainer",
+    "RunArguments",
     "WeightAverager",
     "make_accelerator", "parse_config", "recompute_bn", "train",
 ]

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from .config import ConfigError, first_line
 from .launch import end_process
-from .loop import Trainer, TrainingDiverged
+from .loop import RecipeTrainer, TrainingDiverged
 
 #: Set to 1 to see the full traceback instead of the one-line error.
 TRACEBACK_VARIABLE = "SWA_ACCEL_TRACEBACK"
@@ -27,7 +27,7 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
     argv = sys.argv[1:] if argv is None else argv
     try:
         task, training, swa, accelerator, config = setup(argv)
-        trainer = Trainer(task, training, swa, accelerator, config, argv)
+        trainer = RecipeTrainer(task, training, swa, accelerator, config, argv)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise  # the whole traceback, for debugging

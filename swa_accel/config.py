@@ -33,8 +33,9 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass
-class TrainingArguments:
-    """Loop, optimiser and bookkeeping settings shared by every recipe."""
+class RunArguments:
+    """Loop, optimiser and bookkeeping settings shared by every recipe (named apart from transformers'
+    `TrainingArguments`, whose fields differ)."""
 
     output_dir: str = _help("Where checkpoints, metrics and final models go.", default="outputs/run")
     overwrite_output_dir: bool = _help("Start afresh in an output_dir that already holds a run, deleting its "
@@ -351,7 +352,7 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], recipe: Opt
 
     Args:
         dataclass_types: the recipe's argument dataclasses, e.g. (VisionDataArguments, ModelArguments,
-            TrainingArguments, SWAArguments).
+            RunArguments, SWAArguments).
         argv: command-line arguments without the program name.
         recipe: the calling recipe's name; a YAML `recipe:` key must match it.
 

@@ -19,7 +19,7 @@ from accelerate.utils import (
     is_xpu_available,
 )
 
-from .config import ConfigError, TrainingArguments
+from .config import ConfigError, RunArguments
 
 
 def has_accelerator_device() -> bool:
@@ -68,7 +68,7 @@ def refuse_silent_downgrade(distributed_type: DistributedType, environ=os.enviro
                 f"set up {distributed_type.value} here (it needs GPUs); use a config without {name} on this machine")
 
 
-def make_accelerator(training: TrainingArguments) -> Accelerator:
+def make_accelerator(training: RunArguments) -> Accelerator:
     """An Accelerator for the run: gradient accumulation, seedable shuffling, trackers, CPU fallback.
 
     Without `cpu=True`, processes started by a multi-process launch on a machine with no

@@ -29,7 +29,7 @@ from .batches import SelfBatchingDataset, forward_logits
 from .candidates import Choice
 from .batchnorm import bn_order, shard_loader
 from .checkpointing import TrainState, list_checkpoints, resolve_resume_path, save_checkpoint
-from .config import ConfigError, SWAArguments, TrainingArguments, first_line
+from .config import ConfigError, SWAArguments, RunArguments, first_line
 from .evaluation import evaluate_model, load_metrics
 from .optim import build_optimizer
 from .outputs import (MetricsLog, candidates_table, plot_curves, summary_table, write_candidates,
@@ -126,10 +126,10 @@ def _tracker_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
 
 
-class Trainer:
+class RecipeTrainer:
     """Owns one run's state; `train()` below is the entry point recipes use."""
 
-    def __init__(self, task: Task, training: TrainingArguments, swa: SWAArguments, accelerator,
+    def __init__(self, task: Task, training: RunArguments, swa: SWAArguments, accelerator,
                  config: dict, argv: list[str]) -> None:
         self.task, self.training, self.swa, self.accelerator = task, training, swa, accelerator
         self.output_dir = Path(training.output_dir)
@@ -590,7 +590,7 @@ class Trainer:
         return results
 
 
-def train(task: Task, training: TrainingArguments, swa: SWAArguments, accelerator, config: dict,
+def train(task: Task, training: RunArguments, swa: SWAArguments, accelerator, config: dict,
           argv: list[str]) -> dict:
     """Runs a whole training job and returns the final evaluation {model: {split: {metric: value}}}."""
-    return Trainer(task, training, swa, accelerator, config, argv).run()
+    return RecipeTrainer(task, training, swa, accelerator, config, argv).run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import TrainingArguments
+from .config import RunArguments
 
 
 def decay_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool) -> list[dict]:
@@ -21,7 +21,7 @@ def decay_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: b
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, training: TrainingArguments) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, training: RunArguments) -> torch.optim.Optimizer:
     groups = decay_groups(model, training.weight_decay, training.no_decay_on_bias_and_norm)
     if training.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=training.learning_rate, momentum=training.momentum)

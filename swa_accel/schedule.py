@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError, SWAArguments, TrainingArguments
+from .config import ConfigError, SWAArguments, RunArguments
 from .swa_lr import lr_curve as swa_lr_curve
 
 
@@ -46,8 +46,8 @@ class TrainingPlan:
         return self.update_every_steps is None and self.averaging_active(global_step)
 
 
-def make_plan(batches_per_epoch: int, training: TrainingArguments, swa: SWAArguments) -> TrainingPlan:
-    """`plan_run` with the budget of a recipe's `TrainingArguments`."""
+def make_plan(batches_per_epoch: int, training: RunArguments, swa: SWAArguments) -> TrainingPlan:
+    """`plan_run` with the budget of a recipe's `RunArguments`."""
     return plan_run(batches_per_epoch, swa, num_epochs=training.num_train_epochs, max_steps=training.max_train_steps,
                     gradient_accumulation_steps=training.gradient_accumulation_steps)
 
@@ -128,7 +128,7 @@ def candidate_starts(swa: SWAArguments, swa_start: int, steps_per_epoch: int,
     return tuple((candidate_name(step, steps_per_epoch), step) for step in ordered)
 
 
-def pre_swa_factor(step: int, training: TrainingArguments, total_steps: int) -> float:
+def pre_swa_factor(step: int, training: RunArguments, total_steps: int) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based) of the pre-SWA schedule."""
     warmup = training.num_warmup_steps
     kind = training.lr_scheduler_type
@@ -150,7 +150,7 @@ def pre_swa_factor(step: int, training: TrainingArguments, total_steps: int) -> 
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, plan: TrainingPlan,
-                   training: TrainingArguments) -> torch.optim.lr_scheduler.LambdaLR:
+                   training: RunArguments) -> torch.optim.lr_scheduler.LambdaLR:
     """The pre-SWA schedule as a LambdaLR, stepped once per real optimizer step (never passed to
     `accelerator.prepare`). Each param group's base is the rate the optimizer was built with.
 
@@ -165,7 +165,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, plan: TrainingPlan,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def lr_curve(plan: TrainingPlan, training: TrainingArguments, swa: SWAArguments) -> list[float]:
+def lr_curve(plan: TrainingPlan, training: RunArguments, swa: SWAArguments) -> list[float]:
     """The first param group's rate at every optimizer step of a recipe's run (for plots and tests)."""
     pre = [pre_swa_factor(s, training, plan.total_steps) * training.learning_rate for s in range(plan.total_steps)]
     rates = swa.swa_lr_values()

@@ -10,7 +10,7 @@ from torch import nn
 from swa_accel.averaging import MainProcessPlacement, WeightAverager
 from swa_accel.choose_start import main as choose_start_main
 from swa_accel.choose_start import suggest_start
-from swa_accel.config import ConfigError, SWAArguments, TrainingArguments, parse_config
+from swa_accel.config import ConfigError, SWAArguments, RunArguments, parse_config
 from swa_accel.schedule import make_plan
 from swa_accel.candidates import choose_candidate
 from tests.test_averaging import small_net, trajectory
@@ -163,7 +163,7 @@ def test_memory_is_one_copy_per_candidate_and_none_on_other_ranks():
 
 
 def plan(candidates, swa_start_epoch=6, epochs=10, steps_per_epoch=5):
-    training = TrainingArguments(num_train_epochs=epochs)
+    training = RunArguments(num_train_epochs=epochs)
     return make_plan(steps_per_epoch, training, SWAArguments(swa_start_epoch=swa_start_epoch,
                                                              swa_start_candidates=candidates))
 
@@ -204,7 +204,7 @@ def test_candidate_settings_from_yaml_lists_and_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"^selection_metric: must be one of nll, ece, accuracy, f1"):
         SWAArguments(selection_metric="loss")
     # A config's candidates are simply unused when averaging is off.
-    assert make_plan(5, TrainingArguments(num_train_epochs=4), SWAArguments(
+    assert make_plan(5, RunArguments(num_train_epochs=4), SWAArguments(
         swa_method="none", swa_start_candidates="every_epoch")).candidates == ()
 
 

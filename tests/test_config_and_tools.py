@@ -10,10 +10,10 @@ from recipes.vision.data import VisionDataArguments
 from recipes.vision.train import VisionModelArguments
 from swa_accel.choose_start import main as choose_start_main
 from swa_accel.choose_start import suggest_start
-from swa_accel.config import ConfigError, SWAArguments, TrainingArguments, parse_config
+from swa_accel.config import ConfigError, SWAArguments, RunArguments, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
-VISION = (VisionDataArguments, VisionModelArguments, TrainingArguments, SWAArguments)
+VISION = (VisionDataArguments, VisionModelArguments, RunArguments, SWAArguments)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "vision" / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -43,7 +43,7 @@ def test_yaml_values_then_command_line_overrides():
 ])
 def test_invalid_values_name_the_field(argv, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
-        parse_config((TrainingArguments, SWAArguments), argv)
+        parse_config((RunArguments, SWAArguments), argv)
 
 
 def records(nll_by_epoch):
@@ -67,7 +67,7 @@ def test_launch_guard_refuses_a_launch_whose_processes_did_not_join(monkeypatch,
     # As if a launcher had started 2 processes that each came up alone as rank 0.
     monkeypatch.setattr(launch_module, "launched_world_size", lambda: 2)
     with pytest.raises(ConfigError, match="^launch: the launcher started 2 processes but accelerate sees 1"):
-        launch_module.make_accelerator(TrainingArguments(output_dir=str(tmp_path)))
+        launch_module.make_accelerator(RunArguments(output_dir=str(tmp_path)))
 
 
 def test_none_on_the_command_line_unsets_an_optional_value_the_yaml_set(tmp_path):
@@ -92,7 +92,7 @@ def test_a_config_names_its_recipe_and_the_other_recipe_refuses_it(tmp_path):
 
 
 def test_the_last_occurrence_of_a_flag_wins_also_for_none():
-    args = (TrainingArguments, SWAArguments)
+    args = (RunArguments, SWAArguments)
     _, swa = parse_config(args, ["--swa_start_step", "3", "--swa_start_step", "none"])
     assert swa.swa_start_step is None
     _, swa = parse_config(args, ["--swa_start_step", "none", "--swa_lr", "0.1", "--swa_start_step", "7"])

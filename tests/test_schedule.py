@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from swa_accel.config import ConfigError, SWAArguments, TrainingArguments
+from swa_accel.config import ConfigError, SWAArguments, RunArguments
 from swa_accel.schedule import lr_curve, make_plan, make_scheduler, pre_swa_factor
 from swa_accel.swa_lr import SWALRPhase
 
 
 def args(**overrides):
-    training_keys = {f for f in TrainingArguments.__dataclass_fields__}
-    training = TrainingArguments(**{k: v for k, v in overrides.items() if k in training_keys})
+    training_keys = {f for f in RunArguments.__dataclass_fields__}
+    training = RunArguments(**{k: v for k, v in overrides.items() if k in training_keys})
     swa = SWAArguments(**{k: v for k, v in overrides.items() if k not in training_keys})
     return training, swa
 

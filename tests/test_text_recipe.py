@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 
 from recipes.text.data import TextDataArguments, default_model_path, load_text_data
 from recipes.text.train import TextModelArguments, task_metrics
-from swa_accel import SWAArguments, TrainingArguments, parse_config, recompute_bn
+from swa_accel import SWAArguments, RunArguments, parse_config, recompute_bn
 from swa_accel.batchnorm import batchnorm_layers, shard_loader
 from swa_accel.outputs import read_metrics
 from tests.helpers.launch import ROOT, launch, run_python
@@ -30,7 +30,7 @@ from tests.helpers.tiny_glue import make_glue_like, make_tiny_bert
 SCRIPT = ROOT / "recipes" / "text" / "train.py"
 CONFIG_DIR = ROOT / "recipes" / "text" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "wordnet_sentiment_minilm.yaml"
-ARG_TYPES = (TextDataArguments, TextModelArguments, TrainingArguments, SWAArguments)
+ARG_TYPES = (TextDataArguments, TextModelArguments, RunArguments, SWAArguments)
 N_TRAIN = 96  # a multiple of 32: no partial batch at per-device 8, 16 or 32
 MAX_LENGTH = 64
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 # that `swa_accel` and `recipes` import without installing anything.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, parse_config  # noqa: E402
+from swa_accel import SWAArguments, Task, RunArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
 from swa_accel.config import ConfigError, first_line, resolved_config  # noqa: E402
 from swa_accel.xla import is_xla  # noqa: E402
@@ -139,7 +139,7 @@ def setup(argv: list[str]):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     data_args, model_args, training, swa = parse_config(
-        (TextDataArguments, TextModelArguments, TrainingArguments, SWAArguments), argv, recipe="text"
+        (TextDataArguments, TextModelArguments, RunArguments, SWAArguments), argv, recipe="text"
     )
     accelerator = make_accelerator(training)
     path = data_args.model_name_or_path

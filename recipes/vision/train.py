@@ -15,7 +15,7 @@ from pathlib import Path
 # that `swa_accel` and `recipes` import without installing anything.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from swa_accel import SWAArguments, Task, TrainingArguments, make_accelerator, parse_config  # noqa: E402
+from swa_accel import SWAArguments, Task, RunArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
 from swa_accel.config import ConfigError, resolved_config  # noqa: E402
 
@@ -54,7 +54,7 @@ def save_model(module, folder: Path) -> None:
 
 def setup(argv: list[str]):
     data_args, model_args, training, swa = parse_config(
-        (VisionDataArguments, VisionModelArguments, TrainingArguments, SWAArguments), argv, recipe="vision"
+        (VisionDataArguments, VisionModelArguments, RunArguments, SWAArguments), argv, recipe="vision"
     )
     accelerator = make_accelerator(training)
     with accelerator.main_process_first():

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from swa_accel.averaging import MainProcessPlacement, WeightAverager  # noqa: E402
 from swa_accel.batchnorm import bn_order, recompute_bn, shard_loader  # noqa: E402
-from swa_accel.config import TrainingArguments  # noqa: E402
+from swa_accel.config import RunArguments  # noqa: E402
 from swa_accel.launch import end_process, make_accelerator  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def bn_state(module):
 
 def main():
     report_path = Path(sys.argv[1])
-    accelerator = make_accelerator(TrainingArguments(output_dir=str(report_path.parent / "acc")))
+    accelerator = make_accelerator(RunArguments(output_dir=str(report_path.parent / "acc")))
     world, rank = accelerator.num_processes, accelerator.process_index
     dataset = DictDataset()
     report = {"num_processes": world}

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from recipes.vision import train as vision_recipe  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
-from swa_accel.loop import Trainer  # noqa: E402
+from swa_accel.loop import RecipeTrainer  # noqa: E402
 
 SYNC_METHODS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
                 "masked_select", "unique", "equal", "allclose", "is_nonzero", "any", "all"}
@@ -57,7 +57,7 @@ def main():
     report_path, recipe_args = Path(sys.argv[1]), sys.argv[2:]
     counter = HostSyncCounter()
     windows = []
-    original = Trainer.log_training_progress
+    original = RecipeTrainer.log_training_progress
 
     def counted_logging(self, progress):
         # Count from the end of one logging step to the start of the next; a logging step itself may sync.
@@ -81,7 +81,7 @@ def main():
         tracked.append({"step": step, **{k: float(v) for k, v in values.items()}})
         return real_log(self, values, step=step, log_kwargs=log_kwargs)
 
-    Trainer.log_training_progress = counted_logging
+    RecipeTrainer.log_training_progress = counted_logging
     Accelerator.log = recording_log
     with counter:
         run_recipe(vision_recipe.setup, recipe_args)

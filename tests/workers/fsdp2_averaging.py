@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from swa_accel.averaging import WeightAverager  # noqa: E402
 from swa_accel.batchnorm import shard_loader  # noqa: E402
-from swa_accel.config import TrainingArguments  # noqa: E402
+from swa_accel.config import RunArguments  # noqa: E402
 from swa_accel.launch import end_process, make_accelerator  # noqa: E402
 from swa_accel.sharded import (  # noqa: E402
     ShardedPlacement,
@@ -125,7 +125,7 @@ def reference_bn(mean, dataset):
 
 def main():
     report_path = Path(sys.argv[1])
-    accelerator = make_accelerator(TrainingArguments(output_dir=str(report_path.parent / "acc")))
+    accelerator = make_accelerator(RunArguments(output_dir=str(report_path.parent / "acc")))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     mesh = init_device_mesh("cpu", (world,))
     bn_data = BNDataset()

@@ -15,13 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from recipes.vision import train as vision_recipe  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
-from swa_accel.loop import Trainer  # noqa: E402
+from swa_accel.loop import RecipeTrainer  # noqa: E402
 
 
 def main():
     report_path, inject_after, recipe_args = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     seen = {}
-    original = Trainer.after_optimizer_step
+    original = RecipeTrainer.after_optimizer_step
 
     def diverging_step(self):
         original(self)  # schedule, and average the (still finite) weights of this step
@@ -31,7 +31,7 @@ def main():
             with torch.no_grad():
                 next(self.model.parameters()).fill_(math.nan)  # as a diverging optimizer step would leave them
 
-    Trainer.after_optimizer_step = diverging_step
+    RecipeTrainer.after_optimizer_step = diverging_step
     code = 0
     try:
         run_recipe(vision_recipe.setup, recipe_args)

@@ -94,7 +94,8 @@ def run_recipe_timed(config: str, overrides: list[str], steps: int, warmup: int)
 def run_bare(config: str, overrides: list[str], steps: int, warmup: int, compile_model: bool) -> dict:
     """The recipe's own setup builds model, data and optimizer; then a plain loop over held batches."""
     from recipes.vision.image_tensors import ImageTensorDataset
-    from swa_accel.loop import DTYPES, seeded_dataset
+    from swa_accel.loop import DTYPES
+    from swa_accel.task import seeded_dataset
     from swa_accel.optim import build_optimizer
     from swa_accel.seeding import TRAIN_STREAM
 

@@ -8,9 +8,9 @@ metrics and nothing else: the test split cannot reach the choice.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
-from .config import SELECTION_METRICS
+from .config import SELECTION_METRICS, ConfigError
 
 
 @dataclass
@@ -97,3 +97,13 @@ def choose_candidate(validation: dict[str, dict[str, float]], metric: str) -> tu
     if best != first:
         reason += f"; the SWA start, {first}, has {validation[first][metric]:.4f}"
     return best, reason
+
+
+def check_selection(count: int, validation_split: Optional[str], metric: str, metric_names: Sequence[str]) -> None:
+    """Refuses, before training, a choice among `count` candidates that could not be made: no validation split to
+    choose on, or a selection metric the task does not compute."""
+    if count > 1 and validation_split is None:
+        raise ConfigError("swa_start_candidates: choosing among candidates needs a validation split; vision: set "
+                          "validation_fraction (or validation_split), text: an eval_split named validation")
+    if count > 1 and metric not in metric_names:
+        raise ConfigError(f"selection_metric: this recipe computes {', '.join(metric_names)}, not {metric!r}")

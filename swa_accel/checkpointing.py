@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 from .xla import is_xla
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
@@ -91,3 +91,42 @@ def save_checkpoint(accelerator, checkpoint_root: Path, global_step: int, keep: 
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuses, before anything is built, an output_dir that cannot be a folder; creates it."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "it is a file" if existing == path else f"'{existing}' is a file"
+                raise ConfigError(f"output_dir: '{path}' cannot be a folder: {where}; choose another output_dir")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only or virtual file system, no permission
+        raise ConfigError(f"output_dir: cannot create '{path}': {error.strerror}; choose another output_dir") \
+            from None
+
+
+def clear_previous_run(accelerator, output_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """A fresh start in a folder that holds a run: refused, or (with `overwrite`) its checkpoints and final
+    models deleted. Starting afresh would otherwise prune or overwrite another run's averaged weights."""
+    previous = [p for p in (output_dir / "checkpoints", output_dir / "final") if p.exists()]
+    if resuming or not previous:
+        return
+    if not overwrite:
+        raise ConfigError(f"output_dir: '{output_dir}' already holds a run; resume it with --resume_from_checkpoint "
+                          "latest, choose another output_dir, or pass --overwrite_output_dir true")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for path in previous:
+            shutil.rmtree(path)
+
+
+def restore(accelerator, path: Path) -> None:
+    """`accelerator.load_state`, with one line naming the checkpoint when it does not fit this run."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # noqa: BLE001 - torch, safetensors and pickle each raise their own types
+        raise ConfigError(f"resume_from_checkpoint: cannot restore '{path}' into this run ({first_line(error)}); "
+                          "it holds another model or optimizer, or a damaged file") from error

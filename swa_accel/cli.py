@@ -8,7 +8,8 @@ from typing import Callable, Optional
 
 from .config import ConfigError, first_line
 from .launch import end_process
-from .loop import RecipeTrainer, TrainingDiverged
+from .health import TrainingDiverged
+from .loop import RecipeTrainer
 
 #: Set to 1 to see the full traceback instead of the one-line error.
 TRACEBACK_VARIABLE = "SWA_ACCEL_TRACEBACK"

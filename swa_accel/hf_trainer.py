@@ -125,6 +125,10 @@ def add_swa(trainer, args: SWAArguments) -> SWACallback:
     """Installs SWA in a `transformers.Trainer` (or a subclass) before `train()`; returns its callback."""
     if not args.enabled:
         raise ConfigError("swa_method: 'none' averages nothing; leave add_swa out instead")
+    if args.swa_start_candidates or args.ema_decays:
+        name = "swa_start_candidates" if args.swa_start_candidates else "ema_decays"
+        raise ConfigError(f"{name}: add_swa keeps one average; candidates and the choice among them run in the "
+                          "recipes' loop (swa_accel.train)")
     callback = SWACallback(trainer, args)
     trainer.add_callback(callback)
     train, evaluate = trainer.train, trainer.evaluate

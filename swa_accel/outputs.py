@@ -34,6 +34,13 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    def start(self, resumed_at: Optional[int]) -> None:
+        """A fresh run starts an empty log; a resumed one keeps the records up to its checkpoint's step."""
+        if resumed_at is not None:
+            self.truncate_after(resumed_at)
+        elif self.path.exists():
+            self.path.unlink()
+
     def truncate_after(self, step: int) -> None:
         """Drops records newer than a resumed checkpoint, which the resumed run will write again."""
         if self.path.exists():
@@ -46,6 +53,37 @@ class MetricsLog:
 
     def read(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
+
+
+def launch_record(accelerator, model) -> dict[str, Any]:
+    """The launch as accelerate saw it, for config.yaml."""
+    from accelerate.utils import is_compiled_module
+
+    return {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+            "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+            "dynamo_backend": str(accelerator.state.dynamo_plugin.backend.value).lower(),
+            "compiled": is_compiled_module(model)}
+
+
+def log_evaluation(log: Optional[MetricsLog], accelerator, results: dict, choice: Optional[Choice], step: int,
+                   epoch: int, lr: float, n_averaged: int, final: bool) -> None:
+    """One evaluation's records: metrics.jsonl rows (`log` None off the main process) and tracker scalars, every
+    candidate's too when there was a choice (a single candidate is the "swa" record itself)."""
+    candidates = choice.candidates if choice is not None and choice.is_a_choice else []
+    if log is not None:
+        scored = [(model_name, by_split, {}) for model_name, by_split in results.items()]
+        scored += [("candidate", c.metrics, {"candidate": c.name}) for c in candidates]
+        for model_name, by_split, extra in scored:
+            for split, values in by_split.items():
+                record = {"step": step, "epoch": epoch, "model": model_name, "split": split, **values, "lr": lr,
+                          "n_averaged": n_averaged, **extra}
+                if final:
+                    record["final"] = True
+                log.append(record)
+    scalars = {f"{m}/{s}/{k}": v for m, by in results.items() for s, vals in by.items() for k, v in vals.items()}
+    scalars.update({f"candidates/{c.name}/{s}/{k}": v for c in candidates
+                    for s, vals in c.metrics.items() for k, v in vals.items()})
+    accelerator.log(scalars, step=step)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -138,3 +176,26 @@ def summary_table(final: dict[str, dict[str, dict[str, float]]]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header] + rows]
     return "\n".join(lines)
+
+
+def write_final_records(final_dir: Path, results: dict, choice: Optional[Choice], timings: dict,
+                        xla_report: Optional[dict]) -> None:
+    """final/: results.json, candidates.json (when averaging ran), timings.json and, under XLA, xla_counters.json."""
+    final_dir.mkdir(parents=True, exist_ok=True)
+    if choice is not None:
+        write_candidates(final_dir / "candidates.json", choice)
+    (final_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    # Phase timings of this process (total = the training loop; final_evaluation and after_loop_* = after it).
+    (final_dir / "timings.json").write_text(json.dumps(timings, indent=2), encoding="utf-8")
+    if xla_report is not None:  # graphs compiled and device-to-host copies, per phase
+        (final_dir / "xla_counters.json").write_text(json.dumps(xla_report, indent=2), encoding="utf-8")
+
+
+def print_closing_table(results: dict, choice: Optional[Choice]) -> None:
+    print("\nfinal evaluation (base = last iterate, swa = the chosen average):")
+    print(summary_table(results))
+    if choice is not None and choice.is_a_choice:
+        print(f"\ncandidates (scored on '{choice.selection_split}'; the other splits only report):")
+        print(candidates_table(choice))
+    if choice is not None:
+        print(f"chosen: {choice.chosen}: {choice.reason}")

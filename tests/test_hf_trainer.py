@@ -122,3 +122,15 @@ def test_the_tiny_bert_in_hf_trainer_exports_an_average_that_pipeline_loads(tmp_
     classify = pipeline("text-classification", model=str(out / "final"), device="cpu")
     labels = {row["label"] for row in classify(["a wonderful film", "a dull and tedious plot"])}
     assert labels <= {"negative", "positive"}
+
+
+def test_add_swa_refuses_what_it_would_silently_drop():
+    from swa_accel import ConfigError, SWAArguments
+    from swa_accel.hf_trainer import add_swa
+
+    with pytest.raises(ConfigError, match="^swa_start_candidates: add_swa keeps one average"):
+        add_swa(None, SWAArguments(swa_start_candidates="every_epoch"))
+    with pytest.raises(ConfigError, match="^ema_decays: add_swa keeps one average"):
+        add_swa(None, SWAArguments(ema_decays="0.9"))
+    with pytest.raises(ConfigError, match="^swa_method: 'none' averages nothing"):
+        add_swa(None, SWAArguments(swa_method="none"))

@@ -81,7 +81,7 @@ def test_the_compile_config_asks_accelerate_for_inductor():
 
 
 def test_data_placement_choice():
-    from swa_accel.loop import keep_on_device
+    from swa_accel.task import keep_on_device
 
     cpu = torch.device("cpu")
     assert keep_on_device(10**12, cpu, "auto")  # the host is the training device: nothing to move

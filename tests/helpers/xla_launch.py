@@ -16,7 +16,7 @@ def xla_launch(script: str | Path, args: list[str], env: dict | None = None, che
     """`accelerate launch --config_file accelerate_configs/tpu.yaml --num_processes 1 script args`.
 
     The launcher imports the script as a module and calls its `main()` under `xmp.spawn`; one process, since
-    XLA's CPU device is one device (see the README's TPU section).
+    XLA's CPU device is one device (see docs/tpu.md).
     """
     return launch(script, args, timeout=timeout, check=check, launcher_args=("--num_processes", "1"),
                   config_file=TPU_CONFIG, env={"PJRT_DEVICE": "CPU", **(env or {})})

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recipes.vision.models import PreResNet  # noqa: E402
-from swa_accel.averaging import MainProcessPlacement, WeightAverager  # noqa: E402
+from swa_accel import MainProcessPlacement, WeightAverager  # noqa: E402
 
 
 def copy_bytes(averager: WeightAverager) -> int:

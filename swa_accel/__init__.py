@@ -11,7 +11,8 @@ main-process placement), `sharded` (the FSDP2 placement), `batchnorm` (exact BN 
 `loop`, `outputs`, `launch`, `xla` (what torch_xla needs, and its counters), `hf_trainer`.
 """
 
-from .averaging import MainProcessPlacement, WeightAverager
+from .averaging import WeightAverager
+from .placement import MainProcessPlacement
 from .batchnorm import recompute_bn
 from .config import ConfigError, RunArguments, SWAArguments, parse_config
 from .launch import make_accelerator

@@ -24,7 +24,8 @@ from typing import Any, Callable, ContextManager, Optional
 
 from torch import nn
 
-from .averaging import MainProcessPlacement, WeightAverager, choose_placement
+from .averaging import WeightAverager
+from .placement import MainProcessPlacement, choose_placement
 from .batchnorm import bn_loader_from
 from .candidates import Candidate, Choice, choose
 from .config import ConfigError, SWAArguments

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from swa_accel.averaging import MainProcessPlacement, WeightAverager, clean_name, named_tensors
+from swa_accel import MainProcessPlacement, WeightAverager
+from swa_accel.averaging import clean_name, named_tensors
 
 CPU = torch.device("cpu")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from swa_accel.averaging import MainProcessPlacement, WeightAverager
+from swa_accel import MainProcessPlacement, WeightAverager
 from swa_accel.choose_start import main as choose_start_main
 from swa_accel.choose_start import suggest_start
 from swa_accel.config import ConfigError, SWAArguments, RunArguments, parse_config

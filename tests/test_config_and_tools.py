@@ -73,7 +73,7 @@ def test_launch_guard_refuses_a_launch_whose_processes_did_not_join(monkeypatch,
 def test_none_on_the_command_line_unsets_an_optional_value_the_yaml_set(tmp_path):
     path = ROOT / "recipes" / "vision" / "configs" / "digits_small_cnn.yaml"
     _, _, training, swa = parse_config(VISION, ["--config", str(path)])
-    assert swa.swa_start_epoch == 10 and swa.swa_lr == 0.05 and swa.bn_recompute_max_samples == 512
+    assert swa.swa_start_epoch == 10 and swa.swa_lr == 0.05 and swa.bn_recompute_max_samples == 256
     _, _, training, swa = parse_config(VISION, ["--config", str(path), "--swa_start_epoch", "none",
                                                 "--swa_lr=NULL", "--bn-recompute-max-samples", "None",
                                                 "--swa_start_step", "100", "--seed", "3"])
@@ -116,7 +116,7 @@ def test_an_fsdp_or_deepspeed_request_that_accelerate_dropped_is_refused():
 
 
 def test_the_placement_follows_the_launch_and_refuses_what_no_placement_averages():
-    from swa_accel.averaging import choose_placement
+    from swa_accel.placement import choose_placement
 
     assert choose_placement("auto", "FSDP", fsdp_version=2) == "sharded"
     assert choose_placement("sharded", "FSDP", fsdp_version=2) == "sharded"

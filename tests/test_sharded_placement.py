@@ -11,16 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from swa_accel.averaging import MainProcessPlacement, WeightAverager
-from swa_accel.sharded import (
-    ShardedPlacement,
-    averaged_bytes,
-    gather_full_state,
-    load_shards,
-    register_shard_checkpointing,
-    save_shards,
-    swapped_in,
-)
+from swa_accel import MainProcessPlacement, WeightAverager
+from swa_accel.sharded import ShardedPlacement, averaged_bytes, gather_full_state, swapped_in
+from swa_accel.sharded_checkpoints import load_shards, register_shard_checkpointing, save_shards
 from tests.helpers.launch import ROOT, launch
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from swa_accel.averaging import MainProcessPlacement, WeightAverager  # noqa: E402
+from swa_accel import MainProcessPlacement, WeightAverager  # noqa: E402
 from swa_accel.batchnorm import bn_order, recompute_bn, shard_loader  # noqa: E402
 from swa_accel.config import RunArguments  # noqa: E402
 from swa_accel.launch import end_process, make_accelerator  # noqa: E402

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from swa_accel.averaging import WeightAverager  # noqa: E402
+from swa_accel import WeightAverager  # noqa: E402
 from swa_accel.batchnorm import shard_loader  # noqa: E402
 from swa_accel.config import RunArguments  # noqa: E402
 from swa_accel.launch import end_process, make_accelerator  # noqa: E402
@@ -33,9 +33,9 @@ from swa_accel.sharded import (  # noqa: E402
     gather_full_state,
     local_shard,
     recompute_bn_sharded,
-    register_shard_checkpointing,
     swapped_in,
 )
+from swa_accel.sharded_checkpoints import register_shard_checkpointing  # noqa: E402
 
 STEPS, CHECKPOINT_STEP = 6, 4
 

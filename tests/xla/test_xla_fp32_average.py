@@ -16,7 +16,7 @@ SMOKE = ROOT / "recipes" / "vision" / "configs" / "smoke.yaml"
 # Four updates of a weight 1 + k * 2^-16 (k = 1..4): their mean, 1 + 2.5 * 2^-16, needs 17 mantissa bits; bf16 has 8.
 AVERAGE_ON_XLA = """
 import torch, torch_xla
-from swa_accel.averaging import MainProcessPlacement, WeightAverager
+from swa_accel import MainProcessPlacement, WeightAverager
 device = torch_xla.device()
 model = torch.nn.Linear(1, 1, bias=False).to(device)
 averager = WeightAverager(model, "swa", MainProcessPlacement(device))

@@ -184,7 +184,7 @@ class SWAArguments:
             raise ConfigError(f"ema_buffers: must be average or copy, got {self.ema_buffers!r}")
         self.swa_start_candidates = _comma_list(self.swa_start_candidates)
         self.ema_decays = _comma_list(self.ema_decays)
-        self.candidate_starts()  # validates
+        self.start_candidates_spec()  # validates
         for decay in self.ema_decay_values():
             if not 0.0 < decay < 1.0:
                 raise ConfigError(f"ema_decays: each decay must be in (0, 1), got {decay}")
@@ -206,7 +206,7 @@ class SWAArguments:
     def enabled(self) -> bool:
         return self.swa_method != "none"
 
-    def candidate_starts(self) -> tuple[str, tuple[float, ...]]:
+    def start_candidates_spec(self) -> tuple[str, tuple[float, ...]]:
         """('none' | 'every_epoch' (values: the spacing) | 'epochs' | 'fractions', values) from `swa_start_candidates`."""
         text = self.swa_start_candidates
         if text is None:

@@ -108,7 +108,7 @@ def candidate_starts(swa: SWAArguments, swa_start: int, steps_per_epoch: int,
         ConfigError: a candidate starts before the SWA start (the LR leaves the pre-SWA schedule there, so an
             earlier average would mix two phases) or at or after the end of training.
     """
-    kind, values = swa.candidate_starts()
+    kind, values = swa.start_candidates_spec()
     if kind == "every_epoch":  # every N epochs after the SWA start, on epoch boundaries
         spacing = int(values[0]) * steps_per_epoch
         steps = list(range((swa_start // steps_per_epoch) * steps_per_epoch + spacing, total_steps, spacing))

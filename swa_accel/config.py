@@ -17,15 +17,8 @@ from typing import Any, Optional
 import yaml
 from transformers import HfArgumentParser
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line before training starts."""
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type name when the message is empty)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+from .errors import ConfigError, first_line
+from .field_types import check_field_types
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -78,6 +71,7 @@ class RunArguments:
     plot: bool = _help("Write curves.png at the end.", default=True)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         positive = ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "eval_every_epochs", "checkpoints_total_limit", "logging_steps")
         for name in positive:
@@ -161,6 +155,8 @@ class SWAArguments:
         "train loader uses).", default=None)
 
     def __post_init__(self) -> None:
+        # (The three lists normalise themselves below: one value, a comma string or a YAML list.)
+        check_field_types(self, skip=frozenset({"swa_lr", "swa_start_candidates", "ema_decays"}))
         if self.swa_method not in ("swa", "ema", "none"):
             raise ConfigError(f"swa_method: must be swa, ema or none, got {self.swa_method!r}")
         if not 0.0 <= self.swa_start_fraction < 1.0:

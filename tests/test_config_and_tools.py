@@ -132,3 +132,36 @@ def test_the_placement_follows_the_launch_and_refuses_what_no_placement_averages
     with pytest.raises(ValueError, match=r"^swa_placement: DeepSpeed ZeRO-3 partitions the weights across ranks, "
                                          r"which no placement averages; the supported placements are"):
         choose_placement("auto", "DEEPSPEED", 3)
+
+
+SMOKE_YAML = ROOT / "recipes" / "vision" / "configs" / "smoke.yaml"
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("num_train_epochs", "2.5", "num_train_epochs: must be a whole number, got 2.5"),
+    ("swa_anneal_steps", "1.7", "swa_anneal_steps: must be a whole number, got 1.7"),
+    ("swa_start_epoch", "1.5", "swa_start_epoch: must be a whole number, got 1.5"),
+    ("learning_rate", "fast", "learning_rate: invalid float value: 'fast'"),  # (argparse converts YAML text)
+    ("plot", "1", "plot: must be true or false, got 1"),
+    ("label_noise", "[0.1]", "label_noise: must be a number, got [0.1]"),
+    ("width", "null", "width: must be a whole number, got None (this field has no 'none')"),
+])
+def test_a_yaml_value_of_the_wrong_type_is_one_line_naming_the_field(tmp_path, key, value, expected):
+    """Values from a YAML file reach the dataclasses without argparse's conversion: they are checked all the same."""
+    lines = [line for line in SMOKE_YAML.read_text().splitlines() if not line.startswith(f"{key}:")]
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(lines + [f"{key}: {value}"]) + "\n")
+    with pytest.raises(ConfigError) as error:
+        parse_config(VISION, ["--config", str(path)])
+    assert str(error.value) == expected
+
+
+def test_dataclasses_built_in_code_are_checked_and_whole_floats_pass_as_ints():
+    with pytest.raises(ConfigError, match=r"^num_train_epochs: must be a whole number, got 2.5$"):
+        RunArguments(num_train_epochs=2.5)
+    with pytest.raises(ConfigError, match=r"^swa_update_every_steps: must be a whole number, got '3'$"):
+        SWAArguments(swa_update_every_steps="3")
+    run = RunArguments(num_train_epochs=3.0, learning_rate=1, checkpointing_steps=5)
+    assert run.num_train_epochs == 3 and isinstance(run.num_train_epochs, int)
+    assert run.learning_rate == 1.0 and isinstance(run.learning_rate, float)
+    assert run.checkpointing_steps == "5"  # as the command line gives it

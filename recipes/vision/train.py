@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from swa_accel import SWAArguments, Task, RunArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
 from swa_accel.config import ConfigError, resolved_config  # noqa: E402
+from swa_accel.field_types import check_field_types  # noqa: E402
 
 from recipes.vision.data import VisionDataArguments, load_vision_data  # noqa: E402
 from recipes.vision.image_tensors import identity_collate  # noqa: E402
@@ -35,6 +36,7 @@ class VisionModelArguments:
     dropout: float = field(default=0.0, metadata={"help": "WideResNet dropout."})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.model_name not in MODEL_CLASSES:
             raise ConfigError(f"model_name: unknown model {self.model_name!r}; choose one of {sorted(MODEL_CLASSES)}")
 

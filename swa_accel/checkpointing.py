@@ -35,6 +35,10 @@ class TrainState:
         self.batches_in_epoch = int(state["batches_in_epoch"])
 
 
+def checkpoint_name(global_step: int) -> str:
+    return f"step_{global_step:08d}"
+
+
 def list_checkpoints(checkpoint_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not checkpoint_root.is_dir():
@@ -44,13 +48,17 @@ def list_checkpoints(checkpoint_root: Path) -> list[Path]:
 
 
 def resolve_resume_path(resume_from_checkpoint: Optional[str], checkpoint_root: Path) -> Optional[Path]:
-    """Turns `latest` or a path into a checkpoint folder; None when not resuming.
+    """Turns `latest`, `auto` or a path into a checkpoint folder; None when not resuming (`auto` without a
+    checkpoint: a fresh start, so one job script serves the first start and every requeue).
 
     Raises:
         ConfigError: the named checkpoint does not exist, or `latest` finds none.
     """
     if resume_from_checkpoint is None:
         return None
+    if resume_from_checkpoint == "auto":
+        found = list_checkpoints(checkpoint_root)
+        return found[-1] if found else None
     if resume_from_checkpoint == "latest":
         found = list_checkpoints(checkpoint_root)
         if not found:
@@ -70,8 +78,8 @@ def save_checkpoint(accelerator, checkpoint_root: Path, global_step: int, keep: 
         extra_writer: called on the main process with the temporary folder, before it is renamed
             into place (used to add the BN-recomputed averaged model).
     """
-    final = checkpoint_root / f"step_{global_step:08d}"
-    tmp = checkpoint_root / f"step_{global_step:08d}.tmp"
+    final = checkpoint_root / checkpoint_name(global_step)
+    tmp = checkpoint_root / f"{checkpoint_name(global_step)}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -108,12 +116,21 @@ def check_output_dir(path: Path) -> None:
             from None
 
 
-def clear_previous_run(accelerator, output_dir: Path, resuming: bool, overwrite: bool) -> None:
+def clear_previous_run(accelerator, output_dir: Path, resuming: bool, overwrite: bool, auto: bool = False) -> None:
     """A fresh start in a folder that holds a run: refused, or (with `overwrite`) its checkpoints and final
-    models deleted. Starting afresh would otherwise prune or overwrite another run's averaged weights."""
+    models deleted. Starting afresh would otherwise prune or overwrite another run's averaged weights.
+
+    `auto` found no checkpoint: what a run killed before its first checkpoint left (an incomplete save) is cleared;
+    a finished run's final models are not.
+    """
     previous = [p for p in (output_dir / "checkpoints", output_dir / "final") if p.exists()]
     if resuming or not previous:
         return
+    if auto and not overwrite:
+        if (output_dir / "final").exists():
+            raise ConfigError(f"resume_from_checkpoint: auto found no checkpoint in '{output_dir}', but final/ holds a "
+                              "finished run's models; choose another output_dir, or pass --overwrite_output_dir true")
+        overwrite = True
     if not overwrite:
         raise ConfigError(f"output_dir: '{output_dir}' already holds a run; resume it with --resume_from_checkpoint "
                           "latest, choose another output_dir, or pass --overwrite_output_dir true")

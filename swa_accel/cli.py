@@ -42,5 +42,6 @@ def run_recipe(setup: Callable[[list[str]], tuple], argv: Optional[list[str]] = 
         if trainer.accelerator.is_main_process:
             print(f"error: {error}", file=sys.stderr)
         end_process(1)
-    end_process(0)  # (a multi-process CPU run leaves here, past gloo's teardown)
+    # (a multi-process CPU run leaves here, past gloo's teardown; a stop signal's status too, checkpoint saved)
+    end_process(trainer.exit_code, done=True)
     return results

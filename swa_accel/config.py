@@ -19,6 +19,7 @@ from transformers import HfArgumentParser
 
 from .errors import ConfigError, first_line
 from .field_types import check_field_types
+from .preemption import signal_number
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -56,7 +57,9 @@ class RunArguments:
     eval_steps: Optional[int] = _help("Evaluate every N optimizer steps instead of per epoch.", default=None)
     checkpointing_steps: Optional[str] = _help("'epoch', an integer number of optimizer steps, or None.", default="epoch")
     checkpoints_total_limit: int = _help("Keep only the newest K checkpoints.", default=2)
-    resume_from_checkpoint: Optional[str] = _help("'latest' or a checkpoint folder.", default=None)
+    resume_from_checkpoint: Optional[str] = _help(
+        "'latest', a checkpoint folder, or 'auto': the latest checkpoint when there is one, else a fresh start (one "
+        "job script for the first start and every requeue or restart).", default=None)
     stop_after_step: Optional[int] = _help(
         "End this run right after this optimizer step, with a checkpoint, as a preemption would; "
         "continue later with --resume_from_checkpoint latest.", default=None)
@@ -69,6 +72,13 @@ class RunArguments:
     report_to: str = _help("Accelerate trackers: none, all, or a comma list (tensorboard, wandb, ...).", default="none")
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
     plot: bool = _help("Write curves.png at the end.", default=True)
+    stop_signal: Optional[str] = _help(
+        "A signal that stops the run cleanly, as SIGTERM does: every rank finishes the same optimizer step (at the "
+        "next logging step), a checkpoint is saved and the run exits with status 143. SLURM's --signal=USR1@120 "
+        "sends the default. none: SIGTERM only.", default="SIGUSR1")
+    divergence_bound: float = _help(
+        "A weight larger than this in magnitude counts as diverged, like a NaN: nothing past it is checkpointed or "
+        "exported.", default=1e6)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -103,6 +113,16 @@ class RunArguments:
             raise ConfigError(
                 f"checkpointing_steps: must be 'epoch', a positive integer or None, got {self.checkpointing_steps!r}"
             )
+        if self.stop_signal in ("None", "none", ""):
+            self.stop_signal = None
+        if self.stop_signal is not None:
+            try:
+                signal_number(self.stop_signal)
+            except ValueError:
+                raise ConfigError(f"stop_signal: no signal named {self.stop_signal!r} here; e.g. SIGUSR1, SIGUSR2, "
+                                  "or none") from None
+        if not self.divergence_bound > 0:
+            raise ConfigError(f"divergence_bound: must be > 0, got {self.divergence_bound}")
         if self.resume_from_checkpoint in ("None", "none", ""):
             self.resume_from_checkpoint = None
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
@@ -68,6 +71,26 @@ def refuse_silent_downgrade(distributed_type: DistributedType, environ=os.enviro
                 f"set up {distributed_type.value} here (it needs GPUs); use a config without {name} on this machine")
 
 
+def join_restarted_group(environ: Mapping[str, str] = os.environ) -> None:
+    """On a restarted attempt of `accelerate launch --max_restarts N` (torchrun's elastic agent), forms the process
+    group under a key prefix of its own in the rendezvous store, before accelerate would form it.
+
+    The agent keeps one store across attempts, and a restarted attempt's workers read the addresses that the dead
+    attempt's ranks published there: gloo's connectFullMesh then fails with "Connection refused" (torch 2.13 here;
+    pytorch/pytorch#167288 reports the same with NCCL). Nothing changes on a first attempt or outside torchrun.
+    """
+    attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or launched_world_size() <= 1 or environ.get("PJRT_DEVICE") or dist.is_initialized():
+        return
+    rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+    # The agent hosts the store under the static rendezvous; otherwise rank 0 does.
+    agent_hosts = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts, timeout=timedelta(minutes=10))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world,
+                            store=dist.PrefixStore(f"/swa_accel/attempt_{attempt}", store))
+
+
 def make_accelerator(training: RunArguments) -> Accelerator:
     """An Accelerator for the run: gradient accumulation, seedable shuffling, trackers, CPU fallback.
 
@@ -78,6 +101,7 @@ def make_accelerator(training: RunArguments) -> Accelerator:
         ConfigError: the launcher started N > 1 processes but accelerate sees a different number.
     """
     cache_accelerate_package_probes()
+    join_restarted_group()
     report_to = None if training.report_to == "none" else training.report_to.split(",")
     if report_to == ["all"]:
         report_to = "all"
@@ -106,7 +130,7 @@ def make_accelerator(training: RunArguments) -> Accelerator:
     return accelerator
 
 
-def end_process(code: int = 0) -> None:
+def end_process(code: int = 0, done: bool = False) -> None:
     """Ends this process: `sys.exit(code)` for a failure; for success a plain return, except in a multi-process
     CPU (gloo) run, which flushes its output and leaves at once, past the interpreter's teardown.
 
@@ -119,10 +143,12 @@ def end_process(code: int = 0) -> None:
     import logging
     import sys
 
-    if code:
+    if code and not done:  # (`done`: every rank finished its work, as after a stop signal's checkpoint)
         sys.exit(code)
     if launched_world_size() > 1 and not has_accelerator_device():
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
-        os._exit(0)
+        os._exit(code)
+    if code:
+        sys.exit(code)

@@ -7,6 +7,7 @@ is the controller's.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,8 +22,8 @@ from tqdm.auto import tqdm
 from .averaging import clean_name
 from .batches import forward_logits
 from .candidates import Choice, check_selection
-from .checkpointing import (TrainState, check_output_dir, clear_previous_run, resolve_resume_path, restore,
-                            save_checkpoint)
+from .checkpointing import (TrainState, check_output_dir, checkpoint_name, clear_previous_run, list_checkpoints,
+                            resolve_resume_path, restore, save_checkpoint)
 from .config import RunArguments, SWAArguments
 from .evaluation import evaluate_model, load_metrics
 from .health import Health, TrainingDiverged
@@ -33,6 +34,7 @@ from .phases import PhaseClock
 from .schedule import TrainingPlan, lr_curve, make_plan, make_scheduler
 from .swa import SWA
 from .task import Task, TaskData, set_epoch
+from .preemption import PREEMPTED_EXIT_CODE, StopSignals
 from .xla import expose_loader_dataset, is_xla, on_host, refuse_bf16_storage, seed_step
 
 logger = get_logger(__name__)
@@ -53,7 +55,8 @@ class RecipeTrainer:
         self.checkpoint_root = self.output_dir / "checkpoints"
         # Resolve the checkpoint before anything heavy, so a bad path fails fast.
         self.resume_path = resolve_resume_path(training.resume_from_checkpoint, self.checkpoint_root)
-        clear_previous_run(accelerator, self.output_dir, self.resume_path is not None, training.overwrite_output_dir)
+        clear_previous_run(accelerator, self.output_dir, self.resume_path is not None, training.overwrite_output_dir,
+                           auto=training.resume_from_checkpoint == "auto")
         self.xla = is_xla(accelerator)
         if self.xla:
             refuse_bf16_storage(swa.enabled)
@@ -81,11 +84,16 @@ class RecipeTrainer:
                                  phase=self.clock.timed)
             check_selection(len(self.plan.candidates) + len(swa.ema_decay_values()), task.validation_split,
                             swa.selection_metric, task.metric_names)
-        self.health = Health(accelerator, self.checkpoint_root)
+        self.health = Health(accelerator, self.checkpoint_root, training.divergence_bound)
+        self.signals = StopSignals(training.stop_signal)  # installed while `run` runs
+        self.stop_signalled = False  # some rank got a stop signal, as every rank learned at a logging step
+        self.exit_code = 0  # PREEMPTED_EXIT_CODE after a stop signal
         self.metrics = load_metrics(list(task.metric_names), accelerator.main_process_first)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl")
         if self.resume_path is not None:  # before anything is written: a checkpoint that does not fit changes nothing
+            configured = [group["initial_lr"] for group in self.optimizer.param_groups]  # (LambdaLR's base)
             restore(accelerator, self.resume_path)
+            self.rates_from_config(configured)
             logger.info(f"resumed from {self.resume_path} at optimizer step {self.state.global_step}")
         if accelerator.is_main_process:
             write_resolved_config(self.output_dir, config, argv, launch_record(accelerator, self.model))
@@ -96,6 +104,17 @@ class RecipeTrainer:
             # Trackers such as TensorBoard accept only scalar hyperparameters.
             scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("swa_accel", config=scalars)
+
+    def rates_from_config(self, configured: list[float]) -> None:
+        """After a restore, each param group's rate comes from this run's config and schedule, never from the
+        checkpoint's optimizer state (which holds the next step's rate under the old config)."""
+        self.scheduler.base_lrs = list(configured)
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if self.averaging is not None and self.averaging.lr_phase is not None:
+            self.averaging.lr_phase.apply(self.state.global_step)
 
     def bn_loader(self, full_bn_pass: bool):
         """This rank's share of a BN pass at the current step (capped unless `full_bn_pass`)."""
@@ -127,10 +146,17 @@ class RecipeTrainer:
 
     # ----- evaluation and checkpoints ----------------------------------------------------
 
-    def read_health(self, weights: bool) -> float:
+    def read_health(self, weights: bool, stop: float = 0.0) -> float:
         """The mean training loss since the last reset; raises `TrainingDiverged` if anything is not finite."""
         flag = self.averaging.averager.nonfinite_seen if self.averaging is not None else None
-        return self.health.read(self.state.global_step, self.model if weights else None, flag)
+        return self.health.read(self.state.global_step, self.model if weights else None, flag, self.advice(), stop)
+
+    def advice(self) -> str:
+        """The end of a divergence line: the rate of the phase that diverged, and where to resume from."""
+        swa = self.swa
+        if self.averaging is not None and swa.swa_lr is not None and self.plan.averaging_active(self.state.global_step):
+            return f"resume from the last checkpoint with a lower swa_lr (now {swa.swa_lr})"
+        return f"resume with a lower learning_rate (now {self.training.learning_rate:g}) or with max_grad_norm set"
 
     def evaluate(self, final: bool = False) -> tuple[dict, Optional[nn.Module], Optional[Choice]]:
         """Evaluates the base model and, once averaging has begun, the averaged one; logs both.
@@ -173,6 +199,7 @@ class RecipeTrainer:
         self.read_health(weights=True)  # a diverged state must never replace a good checkpoint
         if self.averaging is not None:  # (sharded: the shards are in the checkpoint, no full model)
             swa_module = self.averaging.module_for_checkpoint(swa_module)
+        self.health.check_average(swa_module, self.state.global_step, self.advice())
         writer = None
         if swa_module is not None:
             writer = lambda folder: self.save_model(swa_module, folder / "swa_model")  # noqa: E731
@@ -217,8 +244,9 @@ class RecipeTrainer:
             return
         self.clock.mark("log_intervals", step=step)
         with self.clock.counted("logging"):
-            mean_loss = self.read_health(weights=False)
+            mean_loss = self.read_health(weights=False, stop=self.signals.pending)
             self.health.reset()
+        self.stop_signalled = self.health.stop_agreed  # every rank stops after this same step
         lr = self.optimizer.param_groups[0]["lr"]
         progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}")
         self.accelerator.log({"train/loss": mean_loss, "train/lr": lr,
@@ -250,7 +278,21 @@ class RecipeTrainer:
                 self.checkpoint(swa_module)
 
     def run(self) -> dict:
+        """Trains to the end of the budget (or a requested stop), then `finish`; stop signals are noted meanwhile."""
+        self.signals.install()  # (noted only: a checkpoint or evaluation in progress finishes as if nothing happened)
+        try:
+            return self.run_with_signals_noted()
+        finally:
+            self.signals.uninstall()
+
+    def run_with_signals_noted(self) -> dict:
         acc, plan = self.accelerator, self.plan
+        if self.state.global_step >= plan.total_steps and (self.output_dir / "final" / "results.json").exists():
+            if acc.is_main_process:  # (a requeued job of a run that had finished)
+                print(f"finished already: {self.output_dir}/final holds this run's models and results; nothing to do",
+                      flush=True)
+            acc.end_training()
+            return {}
         run_start = time.perf_counter()
         logger.info(f"{plan.total_steps} optimizer steps ({plan.num_epochs} epochs of {plan.steps_per_epoch}); "
                     f"averaging ({self.swa.swa_method}) from step {plan.swa_start_step}", main_process_only=True)
@@ -263,6 +305,8 @@ class RecipeTrainer:
             stopped = self.train_loop(progress)
         finally:
             progress.close()  # before any error line, so that the line is the last one printed
+        if self.stop_signalled:
+            return self.stop_on_signal()
         if stopped:
             logger.info(f"stopped after step {self.state.global_step} as asked (stop_after_step); "
                         "continue with --resume_from_checkpoint latest", main_process_only=True)
@@ -289,11 +333,26 @@ class RecipeTrainer:
                     self.after_optimizer_step()
                     progress.update(1)
                     self.log_training_progress(progress)
-                    if state.global_step >= plan.total_steps or self.stop_requested():
+                    if state.global_step >= plan.total_steps or self.stop_requested() or self.stop_signalled:
                         break
-            if self.stop_requested():
+            if self.stop_requested() or self.stop_signalled:
                 return True
         return False
+
+    def stop_on_signal(self) -> dict:
+        """After a stop signal: a checkpoint of the step every rank finished, one line, status 143."""
+        acc, step = self.accelerator, self.state.global_step
+        saved = list_checkpoints(self.checkpoint_root)
+        if not saved or saved[-1].name != checkpoint_name(step):  # (unless this very step was just saved)
+            with self.clock.counted("checkpointing"):
+                self.checkpoint(None)
+        if acc.is_main_process:
+            print(f"stopped by {self.signals.received or 'a stop signal on another rank'} after optimizer step {step}: "
+                  f"saved {self.checkpoint_root / checkpoint_name(step)}; continue with --resume_from_checkpoint "
+                  "auto (or latest)", file=sys.stderr, flush=True)
+        acc.end_training()
+        self.exit_code = PREEMPTED_EXIT_CODE
+        return {}
 
     def stop_requested(self) -> bool:
         return self.state.global_step == self.training.stop_after_step

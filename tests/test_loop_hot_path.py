@@ -107,9 +107,10 @@ def test_a_nan_never_reaches_the_average_or_replaces_the_last_checkpoint(tmp_pat
     assert report["exit_code"] == 1 and report["stopped_at_step"] == 8  # at the checkpoint due at step 8
     assert report["average_finite"] and report["average_unchanged_since_injection"]  # updates 6-8 skipped
     assert last_line == (f"error: training: diverged by optimizer step 8 (the training loss is nan; an averaging update "
-                         f"met non-finite weights and skipped them; the weights are not finite); stopped before saving anything: the last "
-                         f"checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_00000004'}, and the average are "
-                         "intact; resume with a lower learning_rate or with max_grad_norm set")
+                         f"met non-finite weights and skipped them; the weights are not finite or exceed divergence_bound "
+                         f"(1e+06); a BatchNorm statistic or other buffer is not finite); stopped before saving anything: "
+                         f"the last checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_00000004'}, and the average "
+                         "are intact; resume from the last checkpoint with a lower swa_lr (now 0.05)")
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["step_00000004"] and not (tmp_path / "run" / "final").exists()
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors")

@@ -28,7 +28,7 @@ from .config import RunArguments, SWAArguments
 from .evaluation import evaluate_model, load_metrics
 from .health import Health, TrainingDiverged
 from .optim import build_optimizer
-from .outputs import (MetricsLog, launch_record, log_evaluation, plot_curves, print_closing_table,
+from .outputs import (MetricsLog, finished_run, launch_record, log_evaluation, plot_curves, print_closing_table,
                       write_final_records, write_resolved_config)
 from .phases import PhaseClock
 from .schedule import TrainingPlan, lr_curve, make_plan, make_scheduler
@@ -95,10 +95,12 @@ class RecipeTrainer:
             restore(accelerator, self.resume_path)
             self.rates_from_config(configured)
             logger.info(f"resumed from {self.resume_path} at optimizer step {self.state.global_step}")
-        if accelerator.is_main_process:
+        # A requeued job of a run that finished: nothing to train, nothing to rewrite.
+        self.finished_before = self.resume_path is not None and finished_run(self.output_dir, self.plan.total_steps)
+        if accelerator.is_main_process and not self.finished_before:
             write_resolved_config(self.output_dir, config, argv, launch_record(accelerator, self.model))
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not self.finished_before:
             self.log.start(resumed_at=self.state.global_step if self.resume_path is not None else None)
         if training.report_to != "none":
             # Trackers such as TensorBoard accept only scalar hyperparameters.
@@ -155,7 +157,8 @@ class RecipeTrainer:
         """The end of a divergence line: the rate of the phase that diverged, and where to resume from."""
         swa = self.swa
         if self.averaging is not None and swa.swa_lr is not None and self.plan.averaging_active(self.state.global_step):
-            return f"resume from the last checkpoint with a lower swa_lr (now {swa.swa_lr})"
+            rates = ",".join(f"{rate:g}" for rate in swa.swa_lr_values())
+            return f"resume from the last checkpoint with a lower swa_lr (now {rates})"
         return f"resume with a lower learning_rate (now {self.training.learning_rate:g}) or with max_grad_norm set"
 
     def evaluate(self, final: bool = False) -> tuple[dict, Optional[nn.Module], Optional[Choice]]:
@@ -287,8 +290,8 @@ class RecipeTrainer:
 
     def run_with_signals_noted(self) -> dict:
         acc, plan = self.accelerator, self.plan
-        if self.state.global_step >= plan.total_steps and (self.output_dir / "final" / "results.json").exists():
-            if acc.is_main_process:  # (a requeued job of a run that had finished)
+        if self.finished_before:
+            if acc.is_main_process:
                 print(f"finished already: {self.output_dir}/final holds this run's models and results; nothing to do",
                       flush=True)
             acc.end_training()

@@ -55,6 +55,15 @@ class MetricsLog:
         return read_metrics(self.path)
 
 
+def finished_run(output_dir: Path, total_steps: int) -> bool:
+    """Whether `output_dir` holds a run that finished this budget: its final results, and final metrics records
+    written after optimizer step `total_steps`."""
+    log = output_dir / "metrics.jsonl"
+    if not (output_dir / "final" / "results.json").is_file() or not log.is_file():
+        return False
+    return any(r.get("final") and r["step"] >= total_steps for r in read_metrics(log))
+
+
 def launch_record(accelerator, model) -> dict[str, Any]:
     """The launch as accelerate saw it, for config.yaml."""
     from accelerate.utils import is_compiled_module

@@ -94,10 +94,10 @@ def test_resume_through_trainer_restores_the_average_bit_identically(tmp_path):
 
 def test_a_checkpoint_without_swa_state_is_refused_in_one_line(tmp_path):
     out = tmp_path / "run"
-    run(out, "--epochs", "2", "--swa_start_epoch", "1")
-    (out / "checkpoint-76" / "swa_state.pt").unlink()
-    result = launch(SCRIPT, ["--output_dir", str(out), "--epochs", "2", "--swa_start_epoch", "1",
-                             "--resume_from_checkpoint", str(out / "checkpoint-76")], check=False,
+    run(out, "--epochs", "1", "--swa_start_epoch", "0")
+    (out / "checkpoint-38" / "swa_state.pt").unlink()
+    result = launch(SCRIPT, ["--output_dir", str(out), "--epochs", "1", "--swa_start_epoch", "0",
+                             "--resume_from_checkpoint", str(out / "checkpoint-38")], check=False,
                     env={"PYTHONPATH": str(ROOT)})
     assert result.returncode != 0
     assert "resume_from_checkpoint: " in result.stderr and "holds no swa_state.pt" in result.stderr

@@ -46,13 +46,15 @@ def references(tmp_path_factory):
 
 def test_sigterm_mid_epoch_saves_the_step_every_rank_finished_and_auto_resumes_bit_identically(references, tmp_path):
     out = tmp_path / "run"
-    # SIGTERM right after step 9 (epoch 2): the run goes on to the logging step at 10, saves it, and stops.
-    stopped = run_python(WORKERS / "signal_at_step.py", ["9", "all", *args(out, 1, "--resume_from_checkpoint", "auto")])
+    # SIGTERM in the middle of step 5's checkpoint write: that checkpoint completes, the run goes on to the
+    # logging step at 6 (mid-epoch), saves it, and stops.
+    stopped = run_python(WORKERS / "signal_at_step.py", ["5", "all", "checkpoint",
+                                                         *args(out, 1, "--resume_from_checkpoint", "auto")])
     assert stopped.returncode == 143
     assert stopped.stderr.strip().splitlines()[-1] == (
-        f"stopped by SIGTERM after optimizer step 10: saved {out / 'checkpoints' / 'step_00000010'}; continue with "
+        f"stopped by SIGTERM after optimizer step 6: saved {out / 'checkpoints' / 'step_00000006'}; continue with "
         "--resume_from_checkpoint auto (or latest)")
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005", "step_00000006"]
     assert not (out / "final").exists()
     resumed = run_python(SCRIPT, args(out, 1, "--resume_from_checkpoint", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -63,8 +65,9 @@ def test_sigterm_mid_epoch_saves_the_step_every_rank_finished_and_auto_resumes_b
 
 def test_a_signal_on_one_rank_of_two_stops_both_after_the_same_step(references, tmp_path):
     out = tmp_path / "run"
-    stopped = launch(WORKERS / "signal_at_step.py", ["9", "1", *args(out, 2, "--resume_from_checkpoint", "auto")],
-                     num_processes=2, check=False)
+    # SIGTERM to rank 1 only, right after step 9 (epoch 2): both stop after the logging step at 10.
+    worker_args = ["9", "1", "step", *args(out, 2, "--resume_from_checkpoint", "auto")]
+    stopped = launch(WORKERS / "signal_at_step.py", worker_args, num_processes=2, check=False)
     assert stopped.returncode != 0  # (the launcher reports its workers' status 143 as a failure)
     assert (f"stopped by a stop signal on another rank after optimizer step 10: saved "
             f"{out / 'checkpoints' / 'step_00000010'}") in stopped.stderr

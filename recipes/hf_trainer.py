@@ -122,8 +122,8 @@ def main(argv=None) -> None:
         output_dir=str(output), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=128, learning_rate=args.learning_rate, lr_scheduler_type="constant",
         optim="sgd", eval_strategy="epoch", save_strategy="steps" if args.save_steps else "epoch",
-        save_steps=args.save_steps or 500, logging_steps=10, report_to="none", seed=0, use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True, save_total_limit=None)
+        save_steps=args.save_steps or 500, logging_steps=10, report_to="none", seed=0,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, save_total_limit=None)
     trainer = Trainer(model=model, args=training, train_dataset=train_set, eval_dataset=eval_set,
                       compute_metrics=accuracy, processing_class=text[0] if text else None,
                       data_collator=text[1] if text else None)

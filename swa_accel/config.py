@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -304,6 +305,35 @@ RECIPE_KEY = "recipe"
 UNSET_WORDS = ("none", "null")
 
 
+#: Options of `accelerate launch` (and run.sh's --accelerate_config) that users pass to a recipe by mistake.
+LAUNCHER_OPTIONS = ("accelerate_config", "config_file", "mixed_precision", "num_processes", "num_machines",
+                    "machine_rank", "main_process_ip", "main_process_port", "gpu_ids", "dynamo_backend", "multi_gpu",
+                    "cpu", "use_fsdp", "use_deepspeed", "max_restarts", "same_network", "rdzv_backend")
+
+
+def unknown_option(name: str, known: set[str], where: str = "option") -> ConfigError:
+    """One line for an option no dataclass has: the launcher's, or the closest known one."""
+    if name == "accelerate_config":
+        return ConfigError("accelerate_config: run.sh reads it only as its first argument: ./run.sh "
+                           "--accelerate_config FILE [config.yaml] [--key value ...]")
+    if name in LAUNCHER_OPTIONS:
+        return ConfigError(f"{name}: an option of the launcher, not of the recipe; set it in the accelerate config "
+                           f"(./run.sh --accelerate_config FILE ...) or before the script (accelerate launch --{name} "
+                           "... recipes/<recipe>/train.py ...)")
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; --help lists every option"
+    return ConfigError(f"{name}: unknown {where}{hint}")
+
+
+def check_option_names(argv: list[str], known: set[str]) -> None:
+    """Refuses the first `--name` on the command line that no dataclass field (nor --config) has."""
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            name = token[2:].partition("=")[0].replace("-", "_")
+            if name not in known and name != "config":
+                raise unknown_option(name, known)
+
+
 def field_names(dataclass_types: tuple[type, ...]) -> set[str]:
     return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype)}
 
@@ -389,9 +419,10 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], recipe: Opt
             raise ConfigError(f"recipe: {known.config} is a config of the {named!r} recipe, not of {recipe!r}")
         unknown = sorted(set(values) - field_names(dataclass_types))
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown key in {known.config}")
+            raise unknown_option(unknown[0], field_names(dataclass_types), f"key in {known.config}")
         # Argparse converts string defaults with the field's type, so YAML's '1e-3' still becomes a float.
         parser.set_defaults(**values)
+    check_option_names(rest, field_names(dataclass_types))
     rest, unset = split_unset_flags(rest, optional_field_names(dataclass_types))
     parser.set_defaults(**{name: None for name in unset})
     try:

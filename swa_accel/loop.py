@@ -25,6 +25,7 @@ from .candidates import Choice, check_selection
 from .checkpointing import (TrainState, check_output_dir, checkpoint_name, clear_previous_run, list_checkpoints,
                             resolve_resume_path, restore, save_checkpoint)
 from .config import RunArguments, SWAArguments
+from .console import evaluation_line, plan_line, plan_warnings, say
 from .evaluation import evaluate_model, load_metrics
 from .health import Health, TrainingDiverged
 from .optim import build_optimizer
@@ -94,7 +95,8 @@ class RecipeTrainer:
             configured = [group["initial_lr"] for group in self.optimizer.param_groups]  # (LambdaLR's base)
             restore(accelerator, self.resume_path)
             self.rates_from_config(configured)
-            logger.info(f"resumed from {self.resume_path} at optimizer step {self.state.global_step}")
+            say(accelerator, f"resumed from {self.resume_path} at optimizer step {self.state.global_step} (epoch "
+                             f"{self.state.epoch})")
         # A requeued job of a run that finished: nothing to train, nothing to rewrite.
         self.finished_before = self.resume_path is not None and finished_run(self.output_dir, self.plan.total_steps)
         if accelerator.is_main_process and not self.finished_before:
@@ -185,6 +187,9 @@ class RecipeTrainer:
                 if module is not None:
                     results["swa"] = self.evaluate_average(module)
                 swa_module = self.averaging.module_to_keep(module)  # (None: it was the training model)
+        if not final:
+            say(acc, evaluation_line(results, self.state.global_step, self.state.epoch, self.task.validation_split,
+                                     self.task.primary_metric))
         log_evaluation(self.log if acc.is_main_process else None, acc, results, choice, self.state.global_step,
                        self.state.epoch, self.optimizer.param_groups[0]["lr"],
                        self.averaging.n_averaged if self.averaging else 0, final)
@@ -297,8 +302,8 @@ class RecipeTrainer:
             acc.end_training()
             return {}
         run_start = time.perf_counter()
-        logger.info(f"{plan.total_steps} optimizer steps ({plan.num_epochs} epochs of {plan.steps_per_epoch}); "
-                    f"averaging ({self.swa.swa_method}) from step {plan.swa_start_step}", main_process_only=True)
+        for line in [plan_line(plan, self.swa), *plan_warnings(plan, self.swa)]:
+            say(acc, line)
         progress = tqdm(total=plan.total_steps, initial=self.state.global_step,
                         disable=not acc.is_local_main_process, desc="train")
         self.model.train()
@@ -311,8 +316,9 @@ class RecipeTrainer:
         if self.stop_signalled:
             return self.stop_on_signal()
         if stopped:
-            logger.info(f"stopped after step {self.state.global_step} as asked (stop_after_step); "
-                        "continue with --resume_from_checkpoint latest", main_process_only=True)
+            say(acc, f"stopped after optimizer step {self.state.global_step} as asked (stop_after_step): saved "
+                     f"{self.checkpoint_root / checkpoint_name(self.state.global_step)}; continue with "
+                     "--resume_from_checkpoint latest")
             acc.end_training()
             return {}
         self.clock.close_loop(time.perf_counter() - run_start)

@@ -80,8 +80,11 @@ def log_evaluation(log: Optional[MetricsLog], accelerator, results: dict, choice
     candidate's too when there was a choice (a single candidate is the "swa" record itself)."""
     candidates = choice.candidates if choice is not None and choice.is_a_choice else []
     if log is not None:
-        scored = [(model_name, by_split, {}) for model_name, by_split in results.items()]
-        scored += [("candidate", c.metrics, {"candidate": c.name}) for c in candidates]
+        # Each average says which it is and how many updates it holds: the final "swa" is the chosen candidate.
+        chosen = {} if choice is None else {"candidate": choice.chosen, "n_averaged": choice.best.n_averaged}
+        scored = [(model_name, by_split, chosen if model_name == "swa" else {})
+                  for model_name, by_split in results.items()]
+        scored += [("candidate", c.metrics, {"candidate": c.name, "n_averaged": c.n_averaged}) for c in candidates]
         for model_name, by_split, extra in scored:
             for split, values in by_split.items():
                 record = {"step": step, "epoch": epoch, "model": model_name, "split": split, **values, "lr": lr,

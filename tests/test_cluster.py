@@ -59,6 +59,15 @@ def test_sigterm_mid_epoch_saves_the_step_every_rank_finished_and_auto_resumes_b
     resumed = run_python(SCRIPT, args(out, 1, "--resume_from_checkpoint", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(out, references[1])
+    # The console says what happens, one line each.
+    lines = resumed.stdout.splitlines()
+    assert lines[:3] == [
+        f"resumed from {out / 'checkpoints' / 'step_00000006'} at optimizer step 6 (epoch 0)",
+        "plan: 24 optimizer steps (3 epochs of 8); swa averaging from step 8 (epoch 1), at each epoch end: 2 "
+        "updates at swa_lr 0.05",
+        lines[2]]
+    assert lines[2].startswith("epoch 1 (step 8): test accuracy base ") and "; nll base " in lines[2]
+    assert any(line.startswith("epoch 2 (step 16): test accuracy base ") and ", swa " in line for line in lines)
     again = run_python(SCRIPT, args(out, 1, "--resume_from_checkpoint", "auto"))  # a requeue after the end
     assert again.returncode == 0 and "finished already" in again.stdout
 
@@ -96,6 +105,22 @@ def test_sigterm_from_outside_stops_within_seconds_and_the_run_resumes(tmp_path)
     resumed = run_python(SCRIPT, args(out, 1, "--num_train_epochs", "30", "--resume_from_checkpoint", "auto",
                                       "--stop_after_step", str(step + 1)))
     assert resumed.returncode == 0 and (out / "checkpoints" / f"step_{step + 1:08d}").is_dir()
+
+
+def test_ctrl_c_is_one_line_without_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(SCRIPT), *args(out, 1, "--num_train_epochs", "30")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step_00000005").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at optimizer step ") and last.endswith(
+        "; continue with --resume_from_checkpoint auto") and "the last checkpoint is " in last
 
 
 def test_a_rank_killed_mid_run_restarts_the_group_which_resumes_and_ends_bit_identical(references, tmp_path):

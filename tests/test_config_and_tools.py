@@ -165,3 +165,42 @@ def test_dataclasses_built_in_code_are_checked_and_whole_floats_pass_as_ints():
     assert run.num_train_epochs == 3 and isinstance(run.num_train_epochs, int)
     assert run.learning_rate == 1.0 and isinstance(run.learning_rate, float)
     assert run.checkpointing_steps == "5"  # as the command line gives it
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--num_epochs", "5"], "num_epochs: unknown option; did you mean num_train_epochs?"),
+    (["--swa-lr-typo", "1"], "swa_lr_typo: unknown option; did you mean swa_lr?"),
+    (["--zzz", "1"], "zzz: unknown option; --help lists every option"),
+    (["--mixed_precision", "bf16"], "mixed_precision: an option of the launcher, not of the recipe; set it in the "
+                                    "accelerate config (./run.sh --accelerate_config FILE ...) or before the script "
+                                    "(accelerate launch --mixed_precision ... recipes/<recipe>/train.py ...)"),
+    (["--accelerate_config", "x.yaml"], "accelerate_config: run.sh reads it only as its first argument: ./run.sh "
+                                        "--accelerate_config FILE [config.yaml] [--key value ...]"),
+])
+def test_an_unknown_option_names_itself_and_the_fix(argv, expected):
+    with pytest.raises(ConfigError) as error:
+        parse_config(VISION, ["--config", str(SMOKE_YAML), *argv])
+    assert str(error.value) == expected
+
+
+def test_console_lines_and_warnings_before_a_wasted_run():
+    from swa_accel.console import evaluation_line, plan_line, plan_warnings
+    from swa_accel.schedule import plan_run
+
+    swa = SWAArguments(swa_start_epoch=1, swa_lr=0.05)
+    plan = plan_run(8, swa, num_epochs=3)
+    assert plan_line(plan, swa) == ("plan: 24 optimizer steps (3 epochs of 8); swa averaging from step 8 (epoch 1), "
+                                    "at each epoch end: 2 updates at swa_lr 0.05")
+    assert plan_warnings(plan, swa) == []
+    ema = SWAArguments(swa_method="ema", swa_start_epoch=1, swa_lr=0.05)
+    assert plan_warnings(plan_run(8, ema, num_epochs=3), ema) == [
+        "warning: ema_decay 0.999 averages over about 1000 updates, but the plan gives 2: the first update keeps 100% "
+        "of the weight, so the EMA is about the weights after step 16; lower ema_decay (e.g. 0.5), set ema_warmup "
+        "true, or average more often (swa_update_every_steps)"]
+    late = SWAArguments(swa_start_epoch=2)
+    assert plan_warnings(plan_run(8, late, num_epochs=3), late)[0].startswith(
+        "warning: the plan gives 1 averaging update(s): the average is the weights of a single step")
+    results = {"base": {"validation": {"accuracy": 0.5, "nll": 1.25}, "test": {"accuracy": 0.7, "nll": 0.9}},
+               "swa": {"validation": {"accuracy": 0.625, "nll": 1.0}}}
+    assert evaluation_line(results, 16, 2, "validation", "accuracy") == (
+        "epoch 2 (step 16): validation accuracy base 0.5000, swa 0.6250; nll base 1.2500, swa 1.0000")

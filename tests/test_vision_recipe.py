@@ -227,6 +227,14 @@ def test_resume_after_a_checkpoint_gives_bit_identical_final_weights(runs, cifar
     assert_same_final_weights(straight, out)
     assert read_metrics(out / "metrics.jsonl") == read_metrics(straight / "metrics.jsonl")
     assert (out / "final" / "candidates.json").read_text() == (straight / "final" / "candidates.json").read_text()
+    # Each final record says which average it is: candidates carry their own update counts, "swa" its candidate.
+    chosen = json.loads((straight / "final" / "candidates.json").read_text())
+    updates = {c["name"]: c["n_averaged"] for c in chosen["candidates"]}
+    final = [r for r in read_metrics(straight / "metrics.jsonl") if r.get("final")]
+    assert {r["candidate"]: r["n_averaged"] for r in final if r["model"] == "candidate"} == updates
+    assert len(set(updates.values())) > 1
+    assert {(r["candidate"], r["n_averaged"]) for r in final if r["model"] == "swa"} == {
+        (chosen["chosen"], updates[chosen["chosen"]])}
 
 
 def run_bad(args):
@@ -256,7 +264,7 @@ def test_bad_config_is_one_line_naming_the_field_before_training(cifar_dir, tmp_
     code, last = run_bad(common(cifar_dir, out) + extra)
     assert code == 1
     assert last.startswith("error: ") and field in last, last
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    assert not out.exists()  # a refused run leaves no folder it created
 
 
 def test_a_fresh_run_never_overwrites_a_previous_one_unless_asked(cifar_dir, tmp_path):

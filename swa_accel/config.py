@@ -73,6 +73,10 @@ class RunArguments:
     report_to: str = _help("Accelerate trackers: none, all, or a comma list (tensorboard, wandb, ...).", default="none")
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
     plot: bool = _help("Write curves.png at the end.", default=True)
+    verbose: bool = _help(
+        "Show the libraries' own progress bars, load reports and known-harmless warnings (quieted by default; "
+        "TRANSFORMERS_VERBOSITY, DATASETS_VERBOSITY or HF_DATASETS_DISABLE_PROGRESS_BARS, when set, are obeyed).",
+        default=False)
     stop_signal: Optional[str] = _help(
         "A signal that stops the run cleanly, as SIGTERM does: every rank finishes the same optimizer step (at the "
         "next logging step), a checkpoint is saved and the run exits with status 143. SLURM's --signal=USR1@120 "

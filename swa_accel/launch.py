@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -91,6 +92,29 @@ def join_restarted_group(environ: Mapping[str, str] = os.environ) -> None:
                             store=dist.PrefixStore(f"/swa_accel/attempt_{attempt}", store))
 
 
+#: Warnings that say nothing a user can act on: DDP on gradients of channels-last-free convolutions on the CPU.
+HARMLESS_WARNINGS = (r"Grad strides do not match bucket view strides",)
+
+
+def quiet_libraries(verbose: bool, environ: Mapping[str, str] = os.environ) -> None:
+    """Quiets what the libraries print that tells the user nothing: one-off preprocessing and shard-writing progress
+    bars, load reports, known-harmless warnings. `verbose`, or the libraries' own variables when set, keep them."""
+    if verbose:
+        return
+    import datasets
+    import transformers
+
+    if "TRANSFORMERS_VERBOSITY" not in environ:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    if "DATASETS_VERBOSITY" not in environ:
+        datasets.utils.logging.set_verbosity_error()
+    if "HF_DATASETS_DISABLE_PROGRESS_BARS" not in environ:
+        datasets.disable_progress_bars()
+    for message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def make_accelerator(training: RunArguments) -> Accelerator:
     """An Accelerator for the run: gradient accumulation, seedable shuffling, trackers, CPU fallback.
 
@@ -101,6 +125,7 @@ def make_accelerator(training: RunArguments) -> Accelerator:
         ConfigError: the launcher started N > 1 processes but accelerate sees a different number.
     """
     cache_accelerate_package_probes()
+    quiet_libraries(training.verbose)
     join_restarted_group()
     report_to = None if training.report_to == "none" else training.report_to.split(",")
     if report_to == ["all"]:

@@ -204,7 +204,8 @@ def write_final_records(final_dir: Path, results: dict, choice: Optional[Choice]
 
 
 def print_closing_table(results: dict, choice: Optional[Choice]) -> None:
-    print("\nfinal evaluation (base = last iterate, swa = the chosen average):")
+    legend = "base = last iterate, swa = the chosen average" if "swa" in results else "the last iterate; no average"
+    print(f"\nfinal evaluation ({legend}):")
     print(summary_table(results))
     if choice is not None and choice.is_a_choice:
         print(f"\ncandidates (scored on '{choice.selection_split}'; the other splits only report):")

@@ -212,7 +212,8 @@ class SWAArguments:
         # (With swa_method none nothing is averaged, and a config's candidates are simply unused.)
         if (self.swa_start_candidates or self.ema_decays) and self.swa_method == "ema":
             raise ConfigError(f"swa_start_candidates: candidates are averages of an SWA run; swa_method is "
-                              f"{self.swa_method!r}")
+                              f"{self.swa_method!r}: pass --swa_start_candidates none --ema_decays none, or "
+                              "--swa_method swa")
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(f"selection_metric: must be one of {', '.join(SELECTION_METRICS)}, "
                               f"got {self.selection_metric!r}")

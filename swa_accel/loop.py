@@ -388,7 +388,7 @@ class RecipeTrainer:
                                 counters.report() if counters is not None else None)
             if self.training.plot:
                 plot_curves(self.log.read(), lr_curve(self.plan, self.training, self.swa), self.plan.swa_start_step,
-                            self.task.primary_metric, self.output_dir / "curves.png", choice)
+                            self.task.primary_metric, self.output_dir / "curves.png", choice, self.plan.steps_per_epoch)
             print_closing_table(results, choice)
         acc.wait_for_everyone()
         acc.end_training()

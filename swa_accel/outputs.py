@@ -120,57 +120,59 @@ def candidates_table(choice: Choice) -> str:
 
 
 def plot_curves(records: list[dict], lr_by_step: list[float], swa_start_step: Optional[int], metric: str,
-                path: Path, choice: Optional[Choice] = None) -> None:
-    """Validation metric (base vs SWA, per split) and LR against optimizer step, SWA start marked.
-
-    With several candidate averages, a middle panel shows each one's final validation `selection_metric`
-    at its start step (SWA starts as points, side EMAs as horizontal lines), the chosen one starred.
-    """
+                path: Path, choice: Optional[Choice] = None, steps_per_epoch: int = 1) -> None:
+    """Against epochs (the configs' unit): the task's metric and the NLL (which picks the candidate), base vs SWA per
+    split; each candidate's final validation score at its start, the chosen one starred (when there was a choice);
+    the learning rate. The SWA start is marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    if choice is not None and choice.is_a_choice:
-        fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 8), sharex=True, height_ratios=[3, 2, 1])
-        plot_candidates(middle, choice)
-    else:
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
-    for model, style in (("base", "-"), ("swa", "--")):
-        for split in sorted({r["split"] for r in records}):
-            points = [(r["step"], r[metric]) for r in records if r["model"] == model and r["split"] == split]
-            if points:
-                xs, ys = zip(*points)
-                top.plot(xs, ys, style, marker="o", markersize=3, label=f"{model} / {split}")
-    top.set_ylabel(metric)
-    top.legend()
-    top.grid(alpha=0.3)
-    bottom.plot(range(1, len(lr_by_step) + 1), lr_by_step, color="black")
-    bottom.set_ylabel("learning rate")
-    bottom.set_xlabel("optimizer step")
-    bottom.grid(alpha=0.3)
+    metrics = [name for name in dict.fromkeys([metric, "nll"]) if any(name in r for r in records)]
+    with_choice = choice is not None and choice.is_a_choice
+    ratios = [3] * len(metrics) + ([2] if with_choice else []) + [1]
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(8, 2 + 2 * len(ratios)), sharex=True, height_ratios=ratios)
+    curves, rate = axes[:len(metrics)], axes[-1]
+    for axis, name in zip(curves, metrics):
+        for model, style in (("base", "-"), ("swa", "--")):
+            for split in sorted({r["split"] for r in records}):
+                points = [(r["step"] / steps_per_epoch, r[name]) for r in records
+                          if r["model"] == model and r["split"] == split and name in r]
+                if points:
+                    xs, ys = zip(*points)
+                    axis.plot(xs, ys, style, marker="o", markersize=3, label=f"{model} / {split}")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    if with_choice:
+        plot_candidates(axes[len(metrics)], choice, steps_per_epoch)
+    rate.plot([(step + 1) / steps_per_epoch for step in range(len(lr_by_step))], lr_by_step, color="black")
+    rate.set_ylabel("learning rate")
+    rate.set_xlabel("epoch")
+    rate.grid(alpha=0.3)
     if swa_start_step is not None:
-        for axis in (top, bottom):
-            axis.axvline(swa_start_step, color="red", linestyle=":", label="SWA start")
-        top.legend()
+        for axis in (*curves, rate):
+            axis.axvline(swa_start_step / steps_per_epoch, color="red", linestyle=":", label="SWA start")
+    for axis in curves:
+        axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_candidates(axis, choice: Choice) -> None:
+def plot_candidates(axis, choice: Choice, steps_per_epoch: int = 1) -> None:
     split, metric = choice.selection_split, choice.selection_metric
-    swa = [(c.start_step, c.metrics[split][metric]) for c in choice.candidates if c.kind == "swa"]
+    swa = [(c.start_step / steps_per_epoch, c.metrics[split][metric]) for c in choice.candidates if c.kind == "swa"]
     if swa:
-        axis.plot([s for s, _ in swa], [v for _, v in swa], marker="o", markersize=4, label="SWA from step")
+        axis.plot([s for s, _ in swa], [v for _, v in swa], marker="o", markersize=4, label="SWA from epoch")
     for c in choice.candidates:
         if c.kind == "ema":
             axis.axhline(c.metrics[split][metric], linestyle="--", linewidth=1, color="gray")
             axis.annotate(c.name, (0.01, c.metrics[split][metric]), fontsize=7, color="gray",
                           xycoords=("axes fraction", "data"))
     best = choice.best
-    axis.plot([best.start_step], [best.metrics[split][metric]], marker="*", markersize=14, color="red",
-              linestyle="none", label=f"chosen: {best.name}")
+    axis.plot([best.start_step / steps_per_epoch], [best.metrics[split][metric]], marker="*", markersize=14,
+              color="red", linestyle="none", label=f"chosen: {best.name}")
     axis.set_ylabel(f"final {split} {metric}")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)

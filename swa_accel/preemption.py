@@ -10,6 +10,7 @@ stops after the same optimizer step without a host sync per step; the run then s
 from __future__ import annotations
 
 import signal
+import threading
 from typing import Optional
 
 #: The exit status of a run stopped by a signal after saving a checkpoint (128 + SIGTERM, as for a process the
@@ -40,6 +41,10 @@ class StopSignals:
             self.received = signal.Signals(number).name
 
     def install(self) -> "StopSignals":
+        """Installs the handlers; a run outside the main thread (XLA's TPU launcher spawns one) cannot have any:
+        there, a stop signal ends the process as before."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for number in self.signals:
             self.previous[number] = signal.signal(number, self._note)
         return self

@@ -4,10 +4,12 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoImageProcessor
 
 from recipes.vision.data import VisionDataArguments, load_vision_data
 from recipes.vision.models import PreResNet
@@ -89,6 +91,13 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
     again = compute_metrics(load_metrics(["accuracy", "nll"]), logits, labels)
     assert again["accuracy"] == pytest.approx(swa["accuracy"], abs=1e-9)
     assert again["nll"] == pytest.approx(swa["nll"], abs=1e-5)
+    # The export carries its preprocessing (the training split's mean and std, the image size): the test images,
+    # as a user would have them (PIL), go through AutoImageProcessor to the recipe's own predictions.
+    processor = AutoImageProcessor.from_pretrained(out / "final" / "swa")
+    images = list(datasets.load_dataset(str(cifar_dir), split="test")["img"])
+    with torch.no_grad():
+        theirs = model.eval()(processor(images, return_tensors="pt")["pixel_values"])
+    assert torch.equal(theirs.argmax(-1), logits.argmax(-1)) and torch.allclose(theirs, logits, atol=1e-4)
     # BN statistics were recomputed: they differ from the last iterate's.
     base_state = load_file(out / "final" / "base" / "model.safetensors")
     swa_state = load_file(out / "final" / "swa" / "model.safetensors")

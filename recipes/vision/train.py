@@ -49,9 +49,28 @@ class VisionModelArguments:
         return {"width": self.width}
 
 
-def save_model(module, folder: Path) -> None:
-    """safetensors + config.json, reloadable with `<ModelClass>.from_pretrained(folder)`."""
-    module.save_pretrained(folder)
+def image_processor(data):
+    """The training data's preprocessing as a transformers image processor, saved beside every export: resize to
+    the training size, scale pixels to [0, 1] by the split's scale (255, or 16 for digits), normalise by the
+    training split's mean and std. `AutoImageProcessor.from_pretrained(folder)` then prepares new images exactly
+    as the recipe's evaluation did."""
+    import transformers
+
+    # The PIL flavour needs no torchvision (transformers 5 falls back to it anyway); it saves as ViTImageProcessor.
+    kind = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+    return kind(do_resize=True, size={"height": data.image_size, "width": data.image_size}, do_rescale=True,
+                rescale_factor=1.0 / data.train.scale, do_normalize=True, image_mean=list(data.mean),
+                image_std=list(data.std))
+
+
+def make_save_model(processor):
+    def save_model(module, folder: Path) -> None:
+        """safetensors + config.json (reloadable with `<ModelClass>.from_pretrained(folder)`) + the image processor
+        (`AutoImageProcessor.from_pretrained(folder)`)."""
+        module.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return save_model
 
 
 def setup(argv: list[str]):
@@ -68,7 +87,8 @@ def setup(argv: list[str]):
         return build_model(model_args.model_name, num_classes=data.num_labels, in_channels=data.in_channels,
                            **model_args.kwargs())
 
-    task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals, save_model=save_model,
+    task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals,
+                save_model=make_save_model(image_processor(data)),
                 collate_fn=identity_collate, validation_split=data.validation_split)
     config = resolved_config((data_args, model_args, training, swa))
     config["label_names"] = list(data.label_names)

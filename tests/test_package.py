@@ -38,7 +38,8 @@ def test_the_wheel_holds_every_module_and_metric_and_imports_outside_the_reposit
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "swa_accel", source / "swa_accel", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("swa_accel", "recipes"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, capture_output=True, text=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("swa_accel-*.whl"))
@@ -57,6 +58,12 @@ def test_the_wheel_holds_every_module_and_metric_and_imports_outside_the_reposit
                              "print(sorted(swa_accel.__all__)[:3])"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120, check=True)
     assert result.stdout.splitlines()[0].startswith(str(target))
+    # What the README shows for loading an export works outside the repository too.
+    result = subprocess.run([sys.executable, "-c", "from recipes.vision.models import SmallCNN; import recipes; "
+                             "print(recipes.__file__)"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip().startswith(str(target))
+    assert {"recipes/vision/configs/smoke.yaml", "recipes/text/configs/smoke.yaml"} <= names
 
 
 def test_the_own_loop_needs_at_most_five_lines_of_swa():

@@ -115,4 +115,5 @@ if grep -q "^use_cpu: true" "$ACCELERATE_CONFIG" && [[ -z "${OMP_NUM_THREADS:-}"
 fi
 # Outputs and other relative paths in the config or on the command line are relative to where run.sh was called.
 cd "$CALLER_DIR"
-exec "$VENV/bin/accelerate" launch "${LAUNCH_ARGS[@]}" "$SCRIPT" --config "$RECIPE" "$@"
+# (accelerate launch itself, minus its traceback on Ctrl-C: the training processes say what was saved.)
+exec "$VENV/bin/python" "$ROOT/swa_accel/quiet_launch.py" launch "${LAUNCH_ARGS[@]}" "$SCRIPT" --config "$RECIPE" "$@"

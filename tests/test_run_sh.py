@@ -81,3 +81,22 @@ def test_a_two_process_launch_prints_the_error_once(tmp_path):
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: swa_lr: must be > 0, got 0.0"]
+
+
+def test_ctrl_c_through_run_sh_is_one_line_with_no_traceback(tmp_path):
+    """Ctrl-C reaches the whole foreground process group: launcher and training process alike."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    process = subprocess.Popen([str(ROOT / "run.sh"), str(SMOKE), "--output_dir", "out", "--num_train_epochs", "30"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "out" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted at optimizer step ")

@@ -82,3 +82,11 @@ def evaluation_line(results: dict, step: int, epoch: int, split: Optional[str], 
         if values:
             parts.append(f"{name} " + ", ".join(values))
     return f"epoch {epoch} (step {step}): {split} " + "; ".join(parts)
+
+
+def divergence_advice(plan: TrainingPlan, training, swa: Optional[SWAArguments], step: int) -> str:
+    """The end of a divergence line: the rate of the phase that diverged (`swa` None: nothing is averaged)."""
+    if swa is not None and swa.swa_lr is not None and plan.averaging_active(step):
+        rates = ",".join(f"{rate:g}" for rate in swa.swa_lr_values())
+        return f"resume from the last checkpoint with a lower swa_lr (now {rates})"
+    return f"resume with a lower learning_rate (now {training.learning_rate:g}) or with max_grad_norm set"

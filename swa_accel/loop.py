@@ -25,14 +25,14 @@ from .candidates import Choice, check_selection
 from .checkpointing import (TrainState, check_output_dir, checkpoint_name, clear_previous_run, list_checkpoints,
                             resolve_resume_path, restore, save_checkpoint)
 from .config import RunArguments, SWAArguments
-from .console import evaluation_line, plan_line, plan_warnings, say
+from .console import divergence_advice, evaluation_line, plan_line, plan_warnings, say
 from .evaluation import evaluate_model, load_metrics
 from .health import Health, TrainingDiverged
 from .optim import build_optimizer
 from .outputs import (MetricsLog, finished_run, launch_record, log_evaluation, plot_curves, print_closing_table,
                       write_final_records, write_resolved_config)
 from .phases import PhaseClock
-from .schedule import TrainingPlan, lr_curve, make_plan, make_scheduler
+from .schedule import TrainingPlan, lr_curve, make_plan, make_scheduler, rates_from_config
 from .swa import SWA
 from .task import Task, TaskData, set_epoch
 from .preemption import PREEMPTED_EXIT_CODE, StopSignals
@@ -94,7 +94,9 @@ class RecipeTrainer:
         if self.resume_path is not None:  # before anything is written: a checkpoint that does not fit changes nothing
             configured = [group["initial_lr"] for group in self.optimizer.param_groups]  # (LambdaLR's base)
             restore(accelerator, self.resume_path)
-            self.rates_from_config(configured)
+            rates_from_config(self.optimizer, self.scheduler, configured)  # never the checkpoint's stale rates
+            if self.averaging is not None and self.averaging.lr_phase is not None:
+                self.averaging.lr_phase.apply(self.state.global_step)
             say(accelerator, f"resumed from {self.resume_path} at optimizer step {self.state.global_step} (epoch "
                              f"{self.state.epoch})")
         # A requeued job of a run that finished: nothing to train, nothing to rewrite.
@@ -108,17 +110,6 @@ class RecipeTrainer:
             # Trackers such as TensorBoard accept only scalar hyperparameters.
             scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("swa_accel", config=scalars)
-
-    def rates_from_config(self, configured: list[float]) -> None:
-        """After a restore, each param group's rate comes from this run's config and schedule, never from the
-        checkpoint's optimizer state (which holds the next step's rate under the old config)."""
-        self.scheduler.base_lrs = list(configured)
-        step = self.scheduler.last_epoch
-        for group, base, factor in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas):
-            group["initial_lr"], group["lr"] = base, base * factor(step)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        if self.averaging is not None and self.averaging.lr_phase is not None:
-            self.averaging.lr_phase.apply(self.state.global_step)
 
     def bn_loader(self, full_bn_pass: bool):
         """This rank's share of a BN pass at the current step (capped unless `full_bn_pass`)."""
@@ -150,18 +141,16 @@ class RecipeTrainer:
 
     # ----- evaluation and checkpoints ----------------------------------------------------
 
+    @property
+    def advice(self) -> str:
+        """The end of a divergence line: the rate of the phase that diverged (console.py)."""
+        return divergence_advice(self.plan, self.training, self.swa if self.averaging is not None else None,
+                                 self.state.global_step)
+
     def read_health(self, weights: bool, stop: float = 0.0) -> float:
         """The mean training loss since the last reset; raises `TrainingDiverged` if anything is not finite."""
         flag = self.averaging.averager.nonfinite_seen if self.averaging is not None else None
-        return self.health.read(self.state.global_step, self.model if weights else None, flag, self.advice(), stop)
-
-    def advice(self) -> str:
-        """The end of a divergence line: the rate of the phase that diverged, and where to resume from."""
-        swa = self.swa
-        if self.averaging is not None and swa.swa_lr is not None and self.plan.averaging_active(self.state.global_step):
-            rates = ",".join(f"{rate:g}" for rate in swa.swa_lr_values())
-            return f"resume from the last checkpoint with a lower swa_lr (now {rates})"
-        return f"resume with a lower learning_rate (now {self.training.learning_rate:g}) or with max_grad_norm set"
+        return self.health.read(self.state.global_step, self.model if weights else None, flag, self.advice, stop)
 
     def evaluate(self, final: bool = False) -> tuple[dict, Optional[nn.Module], Optional[Choice]]:
         """Evaluates the base model and, once averaging has begun, the averaged one; logs both.
@@ -207,7 +196,7 @@ class RecipeTrainer:
         self.read_health(weights=True)  # a diverged state must never replace a good checkpoint
         if self.averaging is not None:  # (sharded: the shards are in the checkpoint, no full model)
             swa_module = self.averaging.module_for_checkpoint(swa_module)
-        self.health.check_average(swa_module, self.state.global_step, self.advice())
+        self.health.check_average(swa_module, self.state.global_step, self.advice)
         writer = None
         if swa_module is not None:
             writer = lambda folder: self.save_model(swa_module, folder / "swa_model")  # noqa: E731

@@ -171,3 +171,14 @@ def lr_curve(plan: TrainingPlan, training: RunArguments, swa: SWAArguments) -> l
     rates = swa.swa_lr_values()
     return swa_lr_curve(pre, plan.swa_start_step, plan.anneal_steps, swa.swa_anneal_strategy,
                         rates[0] if rates else None)
+
+
+def rates_from_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                      configured: list[float]) -> None:
+    """After a restore, each param group's pre-SWA rate comes from this run's config and schedule, never from the
+    checkpoint's optimizer state (which holds the next step's rate under the old config). `configured`: each
+    group's base rate as this run's optimizer was built."""
+    scheduler.base_lrs = list(configured)
+    for group, base, factor in zip(optimizer.param_groups, configured, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -132,18 +132,29 @@ def per_process_batch_size(loader) -> Optional[int]:
     return getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
 
 
+def bn_pass_loader(dataset, batch_size: int, collate_fn: Optional[Callable], num_processes: int, process_index: int,
+                   seed: int, pass_id: int, max_samples: Optional[int], num_workers: int = 0) -> Callable[[], Any]:
+    """A factory of this rank's share of BN pass `pass_id` over `dataset`: a seeded random order (new for each pass,
+    the same on every rank), capped to `max_samples` (all ranks together; None: everything), no padded duplicates.
+    The order is drawn only when the factory is called, so a model without BN costs nothing."""
+    def loader() -> DataLoader:
+        order = bn_order(len(dataset), seed, pass_id)
+        return shard_loader(dataset, batch_size, collate_fn, num_processes, process_index, num_workers, order=order,
+                            max_samples=max_samples)
+
+    return loader
+
+
 def bn_loader_from(train_loader, num_processes: int, process_index: int, max_samples: Optional[int], seed: int,
                    pass_id: int, batch_size: Optional[int] = None) -> Callable[[], Any]:
-    """This rank's share of a BN pass over a training loader's own dataset and collate function: a seeded random
-    order (new for each `pass_id`), capped to `max_samples` (all ranks together), no padded duplicates.
+    """`bn_pass_loader` over a training loader's own dataset and collate function (`batch_size` None: the loader's).
 
     A dataset without a length or indexing (an iterable) is read through the loader itself, as accelerate
-    shards it. `batch_size` None: the loader's own.
+    shards it.
     """
     dataset = getattr(train_loader, "dataset", None)
     batch_size = batch_size or per_process_batch_size(train_loader)
     if batch_size is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         return lambda: train_loader
-    order = bn_order(len(dataset), seed, pass_id)
-    return lambda: shard_loader(dataset, batch_size, train_loader.collate_fn, num_processes, process_index,
-                                order=order, max_samples=max_samples)
+    return bn_pass_loader(dataset, batch_size, train_loader.collate_fn, num_processes, process_index, seed, pass_id,
+                          max_samples)

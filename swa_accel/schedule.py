@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, SWAArguments, RunArguments
-from .swa_lr import lr_curve as swa_lr_curve
+from .swa_lr import with_swa_phase
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,8 @@ def lr_curve(plan: TrainingPlan, training: RunArguments, swa: SWAArguments) -> l
     """The first param group's rate at every optimizer step of a recipe's run (for plots and tests)."""
     pre = [pre_swa_factor(s, training, plan.total_steps) * training.learning_rate for s in range(plan.total_steps)]
     rates = swa.swa_lr_values()
-    return swa_lr_curve(pre, plan.swa_start_step, plan.anneal_steps, swa.swa_anneal_strategy,
-                        rates[0] if rates else None)
+    return with_swa_phase(pre, plan.swa_start_step, plan.anneal_steps, swa.swa_anneal_strategy,
+                          rates[0] if rates else None)
 
 
 def rates_from_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,

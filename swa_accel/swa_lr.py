@@ -79,8 +79,8 @@ class SWALRPhase:
         self.handle.remove()
 
 
-def lr_curve(pre_swa: Sequence[float], start: Optional[int], anneal_steps: int, strategy: str,
-             swa_lr: Optional[float]) -> list[float]:
+def with_swa_phase(pre_swa: Sequence[float], start: Optional[int], anneal_steps: int, strategy: str,
+                   swa_lr: Optional[float]) -> list[float]:
     """A whole run's rate per optimizer step: the pre-SWA schedule's `pre_swa`, then the SWA phase (for plots)."""
     if start is None or swa_lr is None:
         return list(pre_swa)

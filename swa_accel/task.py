@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .batches import SelfBatchingDataset
-from .batchnorm import bn_order, shard_loader
+from .batchnorm import bn_pass_loader
 from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
 
 logger = get_logger(__name__)
@@ -134,10 +134,5 @@ class TaskData:
         """This rank's share of BN pass `pass_id`: a seeded permutation (new for every pass), capped to
         `max_samples` over all ranks (None: the whole training set)."""
         set_epoch(self.bn_view, pass_id)
-
-        def loader() -> DataLoader:
-            order = bn_order(len(self.bn_view), self.training.seed, pass_id)
-            return shard_loader(self.bn_view, batch_size, self.task.collate_fn, num_processes, process_index,
-                                self.num_workers(self.bn_view), order=order, max_samples=max_samples)
-
-        return loader
+        return bn_pass_loader(self.bn_view, batch_size, self.task.collate_fn, num_processes, process_index,
+                              self.training.seed, pass_id, max_samples, self.num_workers(self.bn_view))

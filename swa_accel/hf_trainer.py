@@ -44,12 +44,13 @@ class SWACallback(TrainerCallback):
         self.swa: Optional[SWA] = None
         self.resume_from: Optional[str] = None  # the checkpoint folder `train` resumes from (set by add_swa)
         self.installed = False  # the average has become the model's weights
+        self._last_epoch_update = -1  # the step of the last epoch-end update (none yet)
 
     # ----- training ------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         trainer = self.trainer
-        self.installed = False
+        self.installed, self._last_epoch_update = False, -1
         self.swa = SWA(trainer.accelerator, trainer.model_wrapped, optimizer, train_dataloader, self.args,
                        max_steps=state.max_steps, seed=args.seed, register=False)
         if self.swa.placement.name != "main":
@@ -73,8 +74,6 @@ class SWACallback(TrainerCallback):
         if swa.plan.update_at_epoch_end(state.global_step) and state.global_step > self._last_epoch_update:
             swa.after_step(state.global_step, epoch_end=True, stepped=True)
             self._last_epoch_update = state.global_step
-
-    _last_epoch_update = -1
 
     def on_train_end(self, args, state, control, **kwargs):
         self.install_average()

@@ -1,6 +1,11 @@
 """The default job (`./run.sh`) end to end: its SWA model beats its last iterate on the clean test split."""
 
+import ast
 import json
+import os
+import re
+import subprocess
+import sys
 
 from swa_accel.outputs import read_metrics
 from tests.helpers.launch import ROOT, launch
@@ -27,3 +32,43 @@ def test_default_job_swa_beats_the_last_iterate(tmp_path):
     assert final["swa"]["accuracy"] > final["base"]["accuracy"] + 0.03
     assert final["swa"]["accuracy"] > 0.9
     assert final["swa"]["nll"] < final["base"]["nll"]
+
+    # The README's pipeline example, run as it stands (on this run's folder) from a folder outside the repository,
+    # with nothing of it importable: it prints the label the recipe's own model gives that digit.
+    readme = (ROOT / "README.md").read_text()
+    example = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+                   if 'pipeline("image-classification"' in block)
+    assert '"outputs/digits_small_cnn/final/swa"' in example  # the default config's output_dir
+    example = example.replace('"outputs/digits_small_cnn/final/swa"', repr(str(tmp_path / "final" / "swa")))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(elsewhere / "modules"))
+    result = subprocess.run([sys.executable, "-c", example], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert printed[0]["label"] == recipe_label_of_the_last_digit(tmp_path / "final" / "swa")
+
+
+def recipe_label_of_the_last_digit(folder) -> str:
+    """The label the exported model gives scikit-learn's last digit, normalised as the recipe normalises its data
+    (the default config's training split's mean and std), without any image processor."""
+    import dataclasses
+
+    import torch
+    import yaml
+    from sklearn.datasets import load_digits
+    from transformers import AutoModelForImageClassification
+
+    import recipes.vision.hf_models  # noqa: F401  (registers the export's classes with the Auto classes)
+    from recipes.vision.data import VisionDataArguments, load_vision_data
+
+    config = yaml.safe_load(DEFAULT.read_text())
+    data = load_vision_data(VisionDataArguments(**{f.name: config[f.name] for f in dataclasses.fields(
+        VisionDataArguments) if f.name in config}))
+    pixels = (torch.tensor(load_digits().images[-1], dtype=torch.float32) / 16 - data.mean[0]) / data.std[0]
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(pixel_values=pixels[None, None]).logits
+    return model.config.id2label[int(logits.argmax())]

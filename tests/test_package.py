@@ -58,11 +58,12 @@ def test_the_wheel_holds_every_module_and_metric_and_imports_outside_the_reposit
                              "print(sorted(swa_accel.__all__)[:3])"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120, check=True)
     assert result.stdout.splitlines()[0].startswith(str(target))
-    # What the README shows for loading an export works outside the repository too.
-    result = subprocess.run([sys.executable, "-c", "from recipes.vision.models import SmallCNN; import recipes; "
-                             "print(recipes.__file__)"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120, check=True)
-    assert result.stdout.strip().startswith(str(target))
+    # The vision exports' classes import from the installed package too, registered with the Auto classes.
+    result = subprocess.run([sys.executable, "-c", "import recipes.vision.hf_models, recipes; from transformers import "
+                             "AutoConfig; print(recipes.__file__); print(type(AutoConfig.for_model('swa_cnn')).__name__)"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.splitlines()[1] == "SWACNNConfig"  # registered with the Auto classes on import
+    assert result.stdout.splitlines()[0].startswith(str(target))
     assert {"recipes/vision/configs/smoke.yaml", "recipes/text/configs/smoke.yaml"} <= names
 
 

@@ -1,14 +1,21 @@
 """Tests for the vision recipe models (recipes/vision/models.py) and data (recipes/vision/data.py)."""
 
 import json
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import default_collate
+from transformers import AutoModelForImageClassification
 
 from recipes.vision.data import VisionDataArguments, load_digits_dataset, load_vision_data
+from recipes.vision.hf_models import SWACNNConfig, SWACNNForImageClassification
+from recipes.vision.image_processing import image_processor
+from recipes.vision.train import VisionModelArguments, transformers_factory
+from swa_accel.config import ConfigError
 from recipes.vision.models import MODEL_CLASSES, PreResNet, SmallCNN, WideResNet, build_model
 from tests.helpers.tiny_datasets import CIFAR10_NAMES, make_cifar_like
 
@@ -167,35 +174,105 @@ def test_build_model_by_name():
 
 
 @pytest.mark.parametrize(
-    "name, kwargs, input_shape",
+    "name, kwargs, channels, input_shape",
     [
-        ("preresnet", {"depth": 20, "num_classes": 4, "in_channels": 3}, (2, 3, 16, 16)),
-        ("wideresnet", {"depth": 10, "widen_factor": 2, "num_classes": 5, "dropout": 0.1}, (2, 3, 16, 16)),
-        ("small_cnn", {"num_classes": 10, "in_channels": 1, "width": 8}, (2, 1, 8, 8)),
+        ("preresnet", {"depth": 20}, 3, (2, 3, 16, 16)),
+        ("wideresnet", {"depth": 10, "widen_factor": 2, "dropout": 0.1}, 3, (2, 3, 16, 16)),
+        ("small_cnn", {"width": 8}, 1, (2, 1, 8, 8)),
     ],
 )
-def test_save_pretrained_round_trip(tmp_path, name, kwargs, input_shape):
+def test_the_recipe_cnns_round_trip_through_the_auto_classes(tmp_path, name, kwargs, channels, input_shape):
     torch.manual_seed(0)
-    model = MODEL_CLASSES[name](**kwargs)
+    config = SWACNNConfig(name, num_channels=channels, architecture_args=kwargs,
+                          id2label={i: f"c{i}" for i in range(4)})
+    model = SWACNNForImageClassification(config)
+    assert type(model.net) is MODEL_CLASSES[name] and model.net.fc.out_features == 4
     # Make BN running stats non-trivial so the round trip must carry buffers too.
-    model.train()
     with torch.no_grad():
-        model(torch.randn(*input_shape))
-    model.eval()
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file()
-    config = json.loads((tmp_path / "config.json").read_text())
-    for key, value in kwargs.items():
-        assert config[key] == value
+        model.train()(torch.randn(*input_shape))
+    model.eval().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["model_type"], saved["architecture"], saved["architecture_args"]) == ("swa_cnn", name, kwargs)
+    assert saved["auto_map"]["AutoModelForImageClassification"] == "hf_models.SWACNNForImageClassification"
+    assert (tmp_path / "hf_models.py").is_file() and (tmp_path / "models.py").is_file()
 
-    reloaded = MODEL_CLASSES[name].from_pretrained(tmp_path)
-    assert type(reloaded) is type(model)
-    reloaded.eval()
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is SWACNNForImageClassification and reloaded.config.id2label[3] == "c3"
     x = torch.randn(*input_shape)
     with torch.no_grad():
-        assert torch.equal(model(x), reloaded(x))
+        assert torch.equal(model(x).logits, reloaded(pixel_values=x).logits)
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_an_unknown_architecture_in_a_config_is_refused():
+    with pytest.raises(ValueError, match=r"^architecture: unknown 'resnet50'; choose one of"):
+        SWACNNConfig("resnet50")
+
+
+def test_the_grayscale_processor_turns_any_image_form_into_the_training_normalisation():
+    """pipeline() hands every image over as RGB; a one-channel export's processor brings it back to the digits'
+    single channel, normalised as in training."""
+    pixels = np.random.default_rng(0).integers(0, 17, size=(8, 8)).astype(np.uint8)
+    processor = image_processor(8, 1, 16.0, [0.3], [0.4])
+    expected = (torch.tensor(pixels, dtype=torch.float32) / 16 - 0.3) / 0.4
+    grey = Image.fromarray(pixels, mode="L")
+    for form in (grey, grey.convert("RGB"), np.stack([pixels] * 3, axis=-1)):
+        out = processor(form, return_tensors="pt")["pixel_values"]
+        assert out.shape == (1, 1, 8, 8)
+        torch.testing.assert_close(out[0, 0], expected)
+    assert type(image_processor(32, 3, 255.0, [0.5] * 3, [0.2] * 3)).__name__.startswith("ViTImageProcessor")
+
+
+def tiny_data(channels: int = 3, size: int = 8, labels: int = 5):
+    return SimpleNamespace(in_channels=channels, image_size=size, label_names=[f"l{i}" for i in range(labels)])
+
+
+def transformers_model(path, data, scratch=False, overrides=None):
+    args = VisionModelArguments(model_name_or_path=str(path), train_from_scratch=scratch, config_overrides=overrides)
+    return transformers_factory(args, data)()
+
+
+def test_a_transformers_checkpoint_is_loaded_with_a_new_head_for_the_labels(tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    ResNetForImageClassification(config).save_pretrained(tmp_path)
+    checkpoint = ResNetForImageClassification.from_pretrained(tmp_path)
+    model = transformers_model(tmp_path, tiny_data())
+    assert model.config.num_labels == 5 and model.config.id2label[4] == "l4"
+    assert model.classifier[-1].out_features == 5
+    mine, theirs = model.resnet.state_dict(), checkpoint.resnet.state_dict()
+    assert all(torch.equal(mine[key], theirs[key]) for key in theirs)  # the backbone is the checkpoint's
+    # One-channel data and a three-channel checkpoint: one line, with the fix.
+    with pytest.raises(ConfigError, match=r"takes 3-channel images and the data has 1; use a 1-channel checkpoint, "
+                                          r"or --train_from_scratch true"):
+        transformers_model(tmp_path, tiny_data(channels=1))
+    # From its config alone, the data's channels go in and the weights are new.
+    fresh = transformers_model(tmp_path, tiny_data(channels=1), scratch=True, overrides="embedding_size=4")
+    assert fresh.config.num_channels == 1 and fresh.config.embedding_size == 4
+
+
+def test_a_checkpoint_for_another_image_size_is_refused_before_training(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=8, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=16)
+    ViTForImageClassification(config).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"does not take the data's 8x8 images with 3 channel\(s\): .*; use "
+                                          r"--train_from_scratch true"):
+        transformers_model(tmp_path, tiny_data())
+    model = transformers_model(tmp_path, tiny_data(), scratch=True)  # the config then takes the data's size
+    assert model.config.image_size == 8
+    assert model(pixel_values=torch.zeros(2, 3, 8, 8)).logits.shape == (2, 5)
+
+
+def test_transformers_options_without_a_checkpoint_are_refused():
+    with pytest.raises(ConfigError, match=r"^config_overrides and train_from_scratch apply to model_name_or_path"):
+        VisionModelArguments(config_overrides="embedding_size=4")
+    with pytest.raises(ConfigError, match=r"^model_name: unknown model 'resnet'; .*or give a transformers checkpoint"):
+        VisionModelArguments(model_name="resnet")
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """The vision recipe end to end through the real launcher: outputs, reload, LR parity, resume, bad input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -9,10 +12,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from recipes.vision.data import VisionDataArguments, load_vision_data
-from recipes.vision.models import PreResNet
+from recipes.vision.hf_models import SWACNNForImageClassification
 from swa_accel.evaluation import compute_metrics, load_metrics, predict
 from recipes.vision.image_tensors import identity_collate
 from swa_accel.outputs import read_metrics
@@ -85,7 +88,9 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
     # The same rows as the run (normalisation statistics come from its train split, after the carve).
     data = load_vision_data(VisionDataArguments(dataset_name=str(cifar_dir), max_train_samples=80,
                                                 validation_fraction=0.2))
-    model = PreResNet.from_pretrained(out / "final" / "swa")
+    model = AutoModelForImageClassification.from_pretrained(out / "final" / "swa")
+    assert isinstance(model, SWACNNForImageClassification) and model.config.architecture == "preresnet"
+    assert model.config.id2label[0] == "airplane"
     loader = torch.utils.data.DataLoader(data.evals["test"], batch_size=8, collate_fn=identity_collate)
     logits, labels = predict(model, loader, OneProcess)
     again = compute_metrics(load_metrics(["accuracy", "nll"]), logits, labels)
@@ -96,13 +101,106 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
     processor = AutoImageProcessor.from_pretrained(out / "final" / "swa")
     images = list(datasets.load_dataset(str(cifar_dir), split="test")["img"])
     with torch.no_grad():
-        theirs = model.eval()(processor(images, return_tensors="pt")["pixel_values"])
+        theirs = model.eval()(processor(images, return_tensors="pt")["pixel_values"]).logits
     assert torch.equal(theirs.argmax(-1), logits.argmax(-1)) and torch.allclose(theirs, logits, atol=1e-4)
     # BN statistics were recomputed: they differ from the last iterate's.
     base_state = load_file(out / "final" / "base" / "model.safetensors")
     swa_state = load_file(out / "final" / "swa" / "model.safetensors")
     bn_key = next(k for k in swa_state if k.endswith("running_mean"))
     assert not torch.equal(base_state[bn_key], swa_state[bn_key])
+
+
+def recipe_logits(cifar_dir, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exported model's logits on the test split as the recipe's evaluation computes them."""
+    data = load_vision_data(VisionDataArguments(dataset_name=str(cifar_dir), max_train_samples=80,
+                                                validation_fraction=0.2))
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    loader = torch.utils.data.DataLoader(data.evals["test"], batch_size=8, collate_fn=identity_collate)
+    return predict(model, loader, OneProcess)
+
+
+def classify_elsewhere(folder: Path, cifar_dir, tmp_path, trust_remote_code: bool) -> dict:
+    """`pipeline("image-classification")` on the test split's PIL images, from a folder outside the repository
+    and with nothing of it importable (tests/workers/classify_with_pipeline.py)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    command = [sys.executable, str(ROOT / "tests" / "workers" / "classify_with_pipeline.py"), str(folder),
+               str(cifar_dir), "test"] + (["--trust_remote_code"] if trust_remote_code else [])
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_pipeline_matches_the_recipe(answer: dict, logits: torch.Tensor) -> None:
+    assert answer["labels"][:2] == ["airplane", "automobile"]
+    scores = torch.tensor(answer["scores"], dtype=torch.float64)
+    torch.testing.assert_close(scores, torch.softmax(logits.double(), -1), atol=1e-5, rtol=1e-4)
+    assert torch.equal(scores.argmax(-1), logits.argmax(-1))
+
+
+def test_the_recipe_cnn_export_classifies_new_images_through_pipeline_elsewhere(runs, cifar_dir, tmp_path):
+    """The PreResNet export carries its code: `pipeline(..., trust_remote_code=True)` loads it on a machine without
+    this repository and gives the recipe's own probabilities on the test images."""
+    folder = runs["one"][0] / "final" / "swa"
+    assert {"hf_models.py", "models.py", "preprocessor_config.json"} <= {p.name for p in folder.iterdir()}
+    logits, _ = recipe_logits(cifar_dir, folder)
+    answer = classify_elsewhere(folder, cifar_dir, tmp_path, trust_remote_code=True)
+    assert answer["model_class"].startswith("transformers_modules.")
+    assert answer["model_class"].endswith(".hf_models.SWACNNForImageClassification")
+    assert_pipeline_matches_the_recipe(answer, logits)
+
+
+@pytest.fixture(scope="module")
+def resnet_checkpoint(tmp_path_factory):
+    """A small BatchNorm ResNet of transformers, saved as a 'pretrained' checkpoint with a 3-class head."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("resnet_checkpoint")
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                          layer_type="basic", num_labels=3)
+    ResNetForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_transformers_resnet_checkpoint_trains_end_to_end_with_exact_bn_and_pipeline(
+        cifar_dir, resnet_checkpoint, tmp_path):
+    """`--model_name_or_path` with a transformers BN ResNet on 2 processes: a new 10-class head, the average's BN
+    statistics recomputed over the whole training split across both ranks, and an export that transformers'
+    own classes and `pipeline` load without remote code, giving the recipe's predictions."""
+    out = tmp_path / "resnet"
+    launch(SCRIPT, common(cifar_dir, out, "--per_device_train_batch_size", "8", "--model_name_or_path",
+                          str(resnet_checkpoint), "--augment", "false", "--bn_recompute_batch_size", "16",
+                          "--checkpointing_steps", "None"), num_processes=2)
+    folder = out / "final" / "swa"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "resnet" and len(config["id2label"]) == 10 and "auto_map" not in config
+    assert not (folder / "hf_models.py").exists()
+
+    logits, labels = recipe_logits(cifar_dir, folder)
+    swa = final_record(out, "swa")
+    again = compute_metrics(load_metrics(["accuracy", "nll"]), logits, labels)
+    assert again["accuracy"] == pytest.approx(swa["accuracy"], abs=1e-9)
+    assert again["nll"] == pytest.approx(swa["nll"], abs=1e-5)
+
+    # The stem's BN sees the training images through the stem conv alone, so its recomputed running mean is the
+    # mean of that conv's output over the whole training split (64 rows: 4 equal BN batches over 2 ranks).
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    stem = model.resnet.embedder.embedder
+    data = load_vision_data(VisionDataArguments(dataset_name=str(cifar_dir), max_train_samples=80,
+                                                validation_fraction=0.2))
+    pixels = next(iter(torch.utils.data.DataLoader(data.train, batch_size=len(data.train),
+                                                   collate_fn=identity_collate)))["pixel_values"]
+    assert pixels.shape[0] == 64
+    with torch.no_grad():
+        expected = stem.convolution(pixels).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(stem.normalization.running_mean, expected, atol=1e-5, rtol=1e-5)
+    base = AutoModelForImageClassification.from_pretrained(out / "final" / "base").resnet.embedder.embedder
+    assert not torch.allclose(base.normalization.running_mean, expected, atol=1e-3)
+
+    answer = classify_elsewhere(folder, cifar_dir, tmp_path, trust_remote_code=False)
+    assert answer["model_class"] == "transformers.models.resnet.modeling_resnet.ResNetForImageClassification"
+    assert_pipeline_matches_the_recipe(answer, logits)
 
 
 @pytest.mark.parametrize("name", ["one", "two"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 # The recipes run as plain scripts under `accelerate launch`; put the repo root on the path so
 # that `swa_accel` and `recipes` import without installing anything.
@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from swa_accel import SWAArguments, Task, RunArguments, make_accelerator, parse_config  # noqa: E402
 from swa_accel.cli import run_recipe  # noqa: E402
-from swa_accel.config import ConfigError, first_line, resolved_config  # noqa: E402
+from swa_accel.config import first_line, resolved_config  # noqa: E402
 from swa_accel.field_types import check_field_types  # noqa: E402
 from swa_accel.xla import is_xla  # noqa: E402
 
+from recipes.model_config import ModelFactory, load_model_config, parse_overrides  # noqa: E402
 from recipes.text import static_attention  # noqa: E402
 from recipes.text.data import TextDataArguments, load_text_data, padding_plan  # noqa: E402
 
@@ -59,59 +60,7 @@ class TextModelArguments:
 
     def overrides(self) -> dict[str, str]:
         """`config_overrides` as {field: raw value}."""
-        if not self.config_overrides:
-            return {}
-        pairs = {}
-        for item in self.config_overrides.split(","):
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip() or not value.strip():
-                raise ConfigError(f"config_overrides: expected key=value items separated by commas, got {item!r}")
-            pairs[key.strip()] = value.strip()
-        return pairs
-
-
-
-def _convert(key: str, raw: str, current: Any) -> Any:
-    """Parses an override string with the type of the config field it replaces."""
-    if raw.lower() == "none":
-        return None
-    if isinstance(current, bool):
-        if raw.lower() not in ("true", "false"):
-            raise ConfigError(f"config_overrides: {key}={raw!r} is not true or false")
-        return raw.lower() == "true"
-    for kind in ((int,) if isinstance(current, int) else (float,) if isinstance(current, float)
-                 else (int, float) if current is None else ()):
-        try:
-            return kind(raw)
-        except ValueError:
-            continue
-    if isinstance(current, (int, float)):
-        raise ConfigError(f"config_overrides: {key}={raw!r} is not a valid {type(current).__name__}")
-    return raw
-
-
-def load_model_config(model_args: TextModelArguments, path: str, label_names: list[str]):
-    """The checkpoint's config with this task's labels, overrides and (optionally) no dropout."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-        )
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"model_name_or_path: cannot load a model config from {path!r}: {first_line(error)}") from None
-    for key, raw in model_args.overrides().items():
-        if not hasattr(config, key):
-            raise ConfigError(f"config_overrides: {type(config).__name__} has no field {key!r}")
-        setattr(config, key, _convert(key, raw, getattr(config, key)))
-    if model_args.dropout_off:
-        # BERT/RoBERTa: hidden_dropout_prob, attention_probs_dropout_prob, classifier_dropout;
-        # DeBERTa: pooler_dropout; DistilBERT: dropout, attention_dropout, seq_classif_dropout ...
-        for key, value in list(config.to_dict().items()):
-            if "dropout" in key and (isinstance(value, float) or value is None) and hasattr(config, key):
-                setattr(config, key, 0.0)
-    return config
+        return parse_overrides(self.config_overrides)
 
 
 def task_metrics(dataset_config_name: Optional[str]) -> tuple[str, ...]:
@@ -152,27 +101,11 @@ def setup(argv: list[str]):
     static_shapes, pad_to_multiple_of = device_padding_plan(accelerator, data_args)
     data = load_text_data(data_args, tokenizer, main_process_first=accelerator.main_process_first,
                           pad_to_multiple_of=pad_to_multiple_of, static_shapes=static_shapes)
-    model_config = load_model_config(model_args, path, data.label_names)
+    model_config = load_model_config(path, data.label_names, model_args.overrides(), model_args.dropout_off)
     # Under XLA, SDPA that never asks the device whether it may skip the padding mask (static_attention.py).
     attention = {"attn_implementation": static_attention.register()} if is_xla(accelerator) else {}
-
-    built: list = []
-
-    def model_factory():
-        # The first call (right after set_seed) loads the pretrained weights and seeds the new head;
-        # later calls only need the architecture, since the loop loads a full state dict into it.
-        if built or model_args.train_from_scratch:
-            model = AutoModelForSequenceClassification.from_config(built[0].config if built else model_config,
-                                                                   **attention)
-        else:
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(path, config=model_config, **attention)
-            except OSError as error:
-                raise ValueError(f"model_name_or_path: cannot load weights from {path!r}: {first_line(error)}") \
-                    from None
-        if not built:
-            built.append(model)
-        return model
+    model_factory = ModelFactory(AutoModelForSequenceClassification, path, model_config,
+                                 model_args.train_from_scratch, **attention)
 
     metric_names = task_metrics(data_args.dataset_config_name)
     task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals,

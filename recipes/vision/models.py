@@ -1,10 +1,7 @@
 """Plain PyTorch image classifiers used by the vision SWA recipes.
 
-Every model subclasses both ``torch.nn.Module`` and
-``huggingface_hub.PyTorchModelHubMixin``: the mixin records the JSON-serialisable
-``__init__`` arguments, so ``model.save_pretrained(path)`` writes
-``model.safetensors`` + ``config.json`` and ``Class.from_pretrained(path)``
-rebuilds the same architecture offline.
+They are plain ``torch.nn.Module`` s; hf_models.py puts any of them behind transformers'
+image-classification interface, which is what the recipe trains and exports.
 
 All models take ``forward(pixel_values)`` with ``pixel_values`` of shape
 ``(B, C, H, W)`` and return logits of shape ``(B, num_classes)``. They use global
@@ -16,13 +13,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 __all__ = ["PreResNet", "WideResNet", "SmallCNN", "MODEL_CLASSES", "build_model"]
-
-_HUB_TAGS = ["swa", "image-classification"]
-
 
 def _check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -88,7 +81,7 @@ def _three_stage_logits(net: nn.Module, pixel_values: torch.Tensor) -> torch.Ten
     return net.fc(x)
 
 
-class PreResNet(nn.Module, PyTorchModelHubMixin, tags=_HUB_TAGS):
+class PreResNet(nn.Module):
     """Pre-activation ResNet for 32x32 inputs (PreResNet-164 in the SWA paper).
 
     Depth >= 44 uses bottleneck blocks with ``(depth - 2) // 9`` blocks per stage;
@@ -190,7 +183,7 @@ class _WideBasicBlock(nn.Module):
         return out + residual
 
 
-class WideResNet(nn.Module, PyTorchModelHubMixin, tags=_HUB_TAGS):
+class WideResNet(nn.Module):
     """Wide residual network WRN-depth-widen_factor (WRN-28-10 in the SWA paper).
 
     Three stages of ``(depth - 4) // 6`` wide blocks with 16k/32k/64k channels
@@ -264,7 +257,7 @@ class WideResNet(nn.Module, PyTorchModelHubMixin, tags=_HUB_TAGS):
 # --------------------------------------------------------------------------------------
 
 
-class SmallCNN(nn.Module, PyTorchModelHubMixin, tags=_HUB_TAGS):
+class SmallCNN(nn.Module):
     """Four conv3x3-BN-ReLU blocks for tiny images (e.g. 8x8 digits).
 
     Block widths are ``width, width, 2*width, 2*width`` with a 2x2 max-pool after

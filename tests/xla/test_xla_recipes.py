@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from recipes.vision.data import VisionDataArguments, load_vision_data
-from recipes.vision.models import SmallCNN
+from recipes.vision.hf_models import SWACNNForImageClassification
 from swa_accel.evaluation import compute_metrics, load_metrics, predict
 from recipes.vision.image_tensors import identity_collate
 from swa_accel.outputs import read_metrics
@@ -90,7 +90,7 @@ def test_the_exports_load_on_the_cpu_and_reproduce_the_logged_scores(runs):
     logged = {(r["model"], r["split"]): r for r in read_metrics(out / "metrics.jsonl") if r.get("final")}
     for which in ("base", "swa"):
         if name == "vision":
-            model = SmallCNN.from_pretrained(out / "final" / which)
+            model = SWACNNForImageClassification.from_pretrained(out / "final" / which)
             data = load_vision_data(VisionDataArguments(dataset_name="digits", label_noise=0.3, max_train_samples=256,
                                                         validation_fraction=0.2))
             split, loader = "test", torch.utils.data.DataLoader(data.evals["test"], batch_size=64,

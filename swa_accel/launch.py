@@ -24,6 +24,7 @@ from accelerate.utils import (
 )
 
 from .config import ConfigError, RunArguments
+from .launcher_request import process_count_warning
 
 
 def has_accelerator_device() -> bool:
@@ -152,6 +153,9 @@ def make_accelerator(training: RunArguments) -> Accelerator:
             "they would each train alone on all the data (on a machine without GPUs, build Accelerator(cpu=True) "
             "or set ACCELERATE_USE_CPU=1)"
         )
+    warning = process_count_warning(accelerator.num_processes)
+    if warning and accelerator.is_main_process:
+        print(warning, flush=True)
     return accelerator
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import swa_accel.launch as launch_module
+from swa_accel.launcher_request import process_count_warning, requested_processes
 from recipes.vision.data import VisionDataArguments
 from recipes.vision.train import VisionModelArguments
 from swa_accel.choose_start import main as choose_start_main
@@ -204,3 +205,21 @@ def test_console_lines_and_warnings_before_a_wasted_run():
                "swa": {"validation": {"accuracy": 0.625, "nll": 1.0}}}
     assert evaluation_line(results, 16, 2, "validation", "accuracy") == (
         "epoch 2 (step 16): validation accuracy base 0.5000, swa 0.6250; nll base 1.2500, swa 1.0000")
+
+
+def test_the_process_count_the_launch_asked_for_is_read_from_its_command_line():
+    accelerate = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
+    script = ["recipes/vision/train.py", "--num_processes", "7"]  # the script's own arguments are not the launch's
+    assert requested_processes([*accelerate, "--num_processes", "2", *script]) == (2, "--num_processes 2")
+    two = str(Path(launch_module.__file__).parents[1] / "accelerate_configs" / "cpu_2proc.yaml")
+    quiet = ["python", "swa_accel/quiet_launch.py", "launch"]  # run.sh's launcher
+    assert requested_processes([*quiet, "--config_file", two, *script]) == (2, f"num_processes: 2 in {two}")
+    # Not an accelerate launch, or one it cannot parse: nothing to compare.
+    assert requested_processes(["torchrun", "--nproc_per_node", "2", *script]) is None
+    assert requested_processes([*accelerate, "--no_such_flag", *script]) is None
+    assert requested_processes([*accelerate, *script]) is None  # no count asked for (no config file)
+
+    warning = process_count_warning(1, [*accelerate, "--num_processes", "2", *script])
+    assert warning.startswith("warning: the launch asked for 2 processes (--num_processes 2) but this run has 1; ")
+    assert "--config_file accelerate_configs/cpu_2proc.yaml" in warning
+    assert process_count_warning(2, [*quiet, "--config_file", two, *script]) is None

@@ -349,13 +349,25 @@ def test_resume_after_a_checkpoint_gives_bit_identical_final_weights(runs, cifar
         (chosen["chosen"], updates[chosen["chosen"]])}
 
 
+def test_a_launch_that_starts_fewer_processes_than_asked_for_says_so(runs, cifar_dir, tmp_path):
+    """`--num_processes 2` with a one-process config runs one process on a CPU machine: the run says so, with the
+    numbers and the fix. A launch that got what it asked for says nothing."""
+    out = tmp_path / "one_of_two"
+    result = launch(SCRIPT, common(cifar_dir, out, "--max_train_steps", "5", "--swa_start_epoch", "none",
+                                   "--swa_start_step", "1", "--checkpointing_steps", "None"),
+                    launcher_args=("--num_processes", "2"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["launch"]["num_processes"] == 1
+    assert "warning: the launch asked for 2 processes (--num_processes 2) but this run has 1; " in result.stdout
+    assert "asked for" not in runs["two"][1].stdout and "asked for" not in runs["one"][1].stdout
+
+
 def run_bad(args):
     result = run_python(SCRIPT, args)
     lines = result.stderr.strip().splitlines()
     return result.returncode, (lines[-1] if lines else "")
 
 
-@pytest.mark.parametrize("extra,field", [
+BAD_CONFIGS = [
     (["--swa_start_epoch", "99"], "swa_start_epoch"),
     (["--swa_lr", "0"], "swa_lr"),
     (["--swa_lr", "-0.1"], "swa_lr"),
@@ -370,10 +382,34 @@ def run_bad(args):
     (["--swa_start_candidates", "1"], "swa_start_candidates: 1 starts at optimizer step 2, before the SWA start (step 4)"),
     (["--validation_fraction", "0.9"], "validation_fraction: cannot hold out 0.9 of 80 train rows"),
     (["--validation_fraction", "0", "--validation_split", "test"], "validation_split: 'test' is an eval split"),
-])
-def test_bad_config_is_one_line_naming_the_field_before_training(cifar_dir, tmp_path, extra, field):
-    out = tmp_path / "bad"
-    code, last = run_bad(common(cifar_dir, out) + extra)
+]
+MORE_BAD_INPUT = [
+    (["--dataset_name", "/nonexistent/data"], "error: dataset_name: cannot load '/nonexistent/data': "),
+    (["--num_train_epochs", "abc"], "error: num_train_epochs: invalid int value: 'abc'"),
+    (["--output_dir", "/proc/swa_accel_cannot_be_here"], "error: output_dir: cannot create "),
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(cifar_dir, tmp_path_factory):
+    """Every refused command line of BAD_CONFIGS and MORE_BAD_INPUT, run in one process (tests/workers/refusals.py):
+    (exit status, last stderr line, the output folder it was given)."""
+    root = tmp_path_factory.mktemp("refusals")
+    cases = [common(cifar_dir, root / f"bad{i}") + extra for i, (extra, _) in enumerate(BAD_CONFIGS)]
+    cases += [common(cifar_dir, root / f"more{i}") + extra for i, (extra, _) in enumerate(MORE_BAD_INPUT)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "refusals.py"), json.dumps(cases)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(answers) == len(cases), result.stderr[-3000:]
+    return [(a["code"], a["last"], root / name) for a, name in zip(
+        answers, [f"bad{i}" for i in range(len(BAD_CONFIGS))] + [f"more{i}" for i in range(len(MORE_BAD_INPUT))])]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[field for _, field in BAD_CONFIGS])
+def test_bad_config_is_one_line_naming_the_field_before_training(refusals, case):
+    code, last, out = refusals[case]
+    field = BAD_CONFIGS[case][1]
     assert code == 1
     assert last.startswith("error: ") and field in last, last
     assert not out.exists()  # a refused run leaves no folder it created
@@ -442,11 +478,7 @@ def test_the_traceback_variable_shows_the_whole_error(cifar_dir, tmp_path, monke
     assert "ConfigError: swa_lr: must be > 0" in result.stderr
 
 
-@pytest.mark.parametrize("extra,start", [
-    (["--dataset_name", "/nonexistent/data"], "error: dataset_name: cannot load '/nonexistent/data': "),
-    (["--num_train_epochs", "abc"], "error: num_train_epochs: invalid int value: 'abc'"),
-    (["--output_dir", "/proc/swa_accel_cannot_be_here"], "error: output_dir: cannot create "),
-])
-def test_more_bad_input_found_by_trying_to_break_it(cifar_dir, tmp_path, extra, start):
-    code, last = run_bad(common(cifar_dir, tmp_path / "out") + extra)
-    assert code == 1 and last.startswith(start), last
+@pytest.mark.parametrize("case", range(len(MORE_BAD_INPUT)), ids=[start for _, start in MORE_BAD_INPUT])
+def test_more_bad_input_found_by_trying_to_break_it(refusals, case):
+    code, last, _ = refusals[len(BAD_CONFIGS) + case]
+    assert code == 1 and last.startswith(MORE_BAD_INPUT[case][1]), last

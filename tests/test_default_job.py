@@ -16,8 +16,8 @@ DEFAULT = ROOT / "recipes" / "vision" / "configs" / "digits_small_cnn.yaml"
 
 def test_default_job_swa_beats_the_last_iterate(tmp_path):
     # The default config as run.sh runs it, except for checkpoints, which this test does not need.
-    launch(SCRIPT, ["--config", str(DEFAULT), "--output_dir", str(tmp_path), "--checkpointing_steps", "None"],
-           timeout=900)
+    result = launch(SCRIPT, ["--config", str(DEFAULT), "--output_dir", str(tmp_path), "--checkpointing_steps", "None"],
+                    timeout=900)
     final = {r["model"]: r for r in read_metrics(tmp_path / "metrics.jsonl")
              if r.get("final") and r["split"] == "test"}
     assert final["swa"]["n_averaged"] == 30  # one average per epoch from epoch 10 of 40
@@ -36,6 +36,9 @@ def test_default_job_swa_beats_the_last_iterate(tmp_path):
     # The README's pipeline example, run as it stands (on this run's folder) from a folder outside the repository,
     # with nothing of it importable: it prints the label the recipe's own model gives that digit.
     readme = (ROOT / "README.md").read_text()
+    # The plan line the README shows is the one the run prints (the figures after it are one machine's).
+    plan = next(line for line in readme.splitlines() if line.startswith("plan: "))
+    assert plan in result.stdout.splitlines()
     example = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
                    if 'pipeline("image-classification"' in block)
     assert '"outputs/digits_small_cnn/final/swa"' in example  # the default config's output_dir

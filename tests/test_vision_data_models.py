@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from transformers import AutoModelForImageClassification
 
-from recipes.vision.data import VisionDataArguments, load_digits_dataset, load_vision_data
+from recipes.vision.data import VisionDataArguments, decode_images, load_digits_dataset, load_vision_data
 from recipes.vision.hf_models import SWACNNConfig, SWACNNForImageClassification
 from recipes.vision.image_processing import image_processor
 from recipes.vision.train import VisionModelArguments, transformers_factory
@@ -261,8 +261,10 @@ def test_a_checkpoint_for_another_image_size_is_refused_before_training(tmp_path
                        num_attention_heads=2, intermediate_size=16)
     ViTForImageClassification(config).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r"does not take the data's 8x8 images with 3 channel\(s\): .*; use "
+                                          r"--image_size 16 \(the data resized as the checkpoint expects\), or "
                                           r"--train_from_scratch true"):
         transformers_model(tmp_path, tiny_data())
+    assert transformers_model(tmp_path, tiny_data(size=16)).config.image_size == 16  # the data at its size
     model = transformers_model(tmp_path, tiny_data(), scratch=True)  # the config then takes the data's size
     assert model.config.image_size == 8
     assert model(pixel_values=torch.zeros(2, 3, 8, 8)).logits.shape == (2, 5)
@@ -553,3 +555,38 @@ def test_auto_detect_failure_names_the_field(tmp_path):
         load_vision_data(VisionDataArguments(dataset_name=str(root), image_column="pic"))
     data = load_vision_data(VisionDataArguments(dataset_name=str(root), image_column="pic", label_column="target"))
     assert data.label_names == ["a", "b"] and data.image_size == 4
+
+
+@pytest.mark.parametrize("name,channels", [("cifar", 3), ("digits", 1)])
+def test_image_size_resizes_as_the_exported_processor_does(tmp_path, name, channels):
+    """`--image_size`: the recipe's decoded tensors are what the saved image processor makes of the original
+    images (as pipeline hands them over: RGB), so the export classifies new images as the recipe evaluated."""
+    if name == "cifar":
+        folder = make_cifar_like(tmp_path, n_train=40, n_test=12, image_size=8)
+        data = load_vision_data(VisionDataArguments(dataset_name=str(folder), image_size=20))
+        originals = list(datasets.load_dataset(str(folder), split="test")["img"])
+    else:
+        data = load_vision_data(VisionDataArguments(dataset_name="digits", image_size=12, max_eval_samples=12))
+        originals = [Image.fromarray(np.asarray(row, dtype=np.uint8))
+                     for row in load_digits_dataset()["test"][:12]["image"]]
+    size = 20 if name == "cifar" else 12
+    assert (data.image_size, data.in_channels) == (size, channels)
+    test = data.evals["test"]
+    ours = test.__getitems__(list(range(len(test))))["pixel_values"]
+    processor = image_processor(data.image_size, data.in_channels, data.train.scale, data.mean, data.std)
+    theirs = processor([image.convert("RGB") for image in originals], return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (12, channels, size, size)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_image_size_makes_images_of_mixed_sizes_one_size_and_refuses_float_images():
+    mixed = datasets.Dataset.from_dict({"img": [Image.new("RGB", (8, 8), (10, 20, 30)),
+                                                Image.new("RGB", (10, 6), (200, 100, 0))]})
+    with pytest.raises(ValueError, match="images must all have one size"):
+        decode_images(mixed, "img")
+    images = decode_images(mixed, "img", size=12)
+    assert images.shape == (2, 12, 12, 3) and images.dtype == np.uint8
+    assert images[1, 5, 5].tolist() == [200, 100, 0]  # a flat colour stays that colour
+    floats = datasets.Dataset.from_dict({"img": [np.full((4, 4), 0.5, dtype=np.float32)]})
+    with pytest.raises(ValueError, match="^image_size: resizing needs 8-bit images"):
+        decode_images(floats, "img", size=8)

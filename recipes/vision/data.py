@@ -102,6 +102,12 @@ class VisionDataArguments:
     max_eval_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep only the first N rows of each eval split."}
     )
+    image_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Resize every image to this many pixels square when decoding (PIL bilinear, as the "
+                          "export's image processor resizes new images), e.g. 224 for a checkpoint made for that "
+                          "size; also makes images of mixed sizes one size. Default: the dataset's own size."},
+    )
     num_labels: Optional[int] = field(
         default=None, metadata={"help": "Expected number of classes; loading fails if the dataset disagrees."}
     )
@@ -142,6 +148,8 @@ class VisionDataArguments:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: must be a positive integer or None, got {value!r}")
+        if self.image_size is not None and self.image_size < 2:
+            raise ValueError(f"image_size: must be at least 2 pixels, got {self.image_size}")
         if self.num_labels is not None and (
             isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 2
         ):
@@ -253,8 +261,26 @@ def _to_hwc_array(image: Any, keep_dtype: bool = False) -> np.ndarray:
     return arr
 
 
-def decode_images(ds: datasets.Dataset, image_column: str) -> np.ndarray:
-    """Every image of ``ds`` as one (N, H, W, C) array: uint8 when the values are 8-bit, else float32.
+def resized(array: np.ndarray, size: int) -> np.ndarray:
+    """One (H, W, C) image at ``size`` x ``size``, resized exactly as the export's image processor resizes a new
+    image (transformers' PIL resize, bilinear, on 8-bit values), so that both see the same pixels."""
+    from transformers.image_transforms import resize
+    from transformers.image_utils import ChannelDimension, PILImageResampling
+
+    if array.dtype != np.uint8:
+        if not (np.all(array == np.round(array)) and array.min() >= 0 and array.max() <= 255):
+            raise ValueError("image_size: resizing needs 8-bit images, and this dataset's are not")
+        array = array.astype(np.uint8)
+    if array.shape[:2] == (size, size):
+        return array
+    out = resize(array, (size, size), resample=PILImageResampling.BILINEAR, data_format=ChannelDimension.LAST,
+                 input_data_format=ChannelDimension.LAST)
+    return out.reshape(size, size, array.shape[2])
+
+
+def decode_images(ds: datasets.Dataset, image_column: str, size: Optional[int] = None) -> np.ndarray:
+    """Every image of ``ds`` as one (N, H, W, C) array: uint8 when the values are 8-bit, else float32; with
+    ``size``, each image resized to ``size`` x ``size`` first (see ``resized``).
 
     Raises:
         ValueError: If the images are not all of the same size and channel count.
@@ -262,7 +288,8 @@ def decode_images(ds: datasets.Dataset, image_column: str) -> np.ndarray:
     arrays = []
     plain = ds.with_format(None)
     for start in range(0, len(plain), 1000):
-        arrays.extend(_to_hwc_array(image, keep_dtype=True) for image in plain[start : start + 1000][image_column])
+        batch = (_to_hwc_array(image, keep_dtype=True) for image in plain[start : start + 1000][image_column])
+        arrays.extend(batch if size is None else (resized(array, size) for array in batch))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"image_column: images must all have one size, found {sorted(shapes)[:3]}")
@@ -469,11 +496,11 @@ def load_vision_data(args: VisionDataArguments) -> VisionData:
         evals = {"validation": validation, **evals}
 
     # Decode every split once; from here on a batch is a gather from one tensor.
-    train_images = decode_images(train, image_column)
+    train_images = decode_images(train, image_column, args.image_size)
     _, height, width, in_channels = train_images.shape
     if height != width:
         raise ValueError(f"image_column: expected square images, got {height}x{width}")
-    eval_images = {name: decode_images(ds, image_column) for name, ds in evals.items()}
+    eval_images = {name: decode_images(ds, image_column, args.image_size) for name, ds in evals.items()}
     for name, images in eval_images.items():
         if images.shape[1:] != train_images.shape[1:]:
             raise ValueError(f"image_column: split {name!r} has images of shape {images.shape[1:]}, "

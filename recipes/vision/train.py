@@ -118,10 +118,13 @@ def fits_the_data(data, path: str):
             with torch.no_grad():
                 model.eval()(pixel_values=probe)
         except (RuntimeError, ValueError) as error:
+            size = getattr(model.config, "image_size", None)
+            resize = f"--image_size {size} (the data resized as the checkpoint expects)" if isinstance(size, int) \
+                else "--image_size with the checkpoint's size"
             raise ConfigError(f"model_name_or_path: {path} does not take the data's {data.image_size}x"
-                              f"{data.image_size} images with {data.in_channels} channel(s): {first_line(error).rstrip('.')}; "
-                              f"use --train_from_scratch true (the config then takes the data's size), or a "
-                              f"checkpoint of that size") from None
+                              f"{data.image_size} images with {data.in_channels} channel(s): "
+                              f"{first_line(error).rstrip('.')}; use {resize}, or --train_from_scratch true (the "
+                              "config then takes the data's size)") from None
         finally:
             model.train(was_training)
 

@@ -8,7 +8,7 @@ import pytest
 import swa_accel.launch as launch_module
 from swa_accel.launcher_request import process_count_warning, requested_processes
 from recipes.vision.data import VisionDataArguments
-from recipes.vision.train import VisionModelArguments
+from recipes.vision.model_setup import VisionModelArguments
 from swa_accel.choose_start import main as choose_start_main
 from swa_accel.choose_start import suggest_start
 from swa_accel.config import ConfigError, SWAArguments, RunArguments, parse_config

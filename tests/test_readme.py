@@ -11,7 +11,7 @@ from accelerate.commands.launch import launch_command_parser
 from recipes.text.data import TextDataArguments
 from recipes.text.train import TextModelArguments
 from recipes.vision.data import VisionDataArguments
-from recipes.vision.train import VisionModelArguments
+from recipes.vision.model_setup import VisionModelArguments
 from swa_accel.config import RunArguments, SWAArguments
 from tests.helpers.launch import ROOT
 

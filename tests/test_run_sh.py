@@ -90,10 +90,11 @@ def test_ctrl_c_through_run_sh_is_one_line_with_no_traceback(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
-    process = subprocess.Popen([str(ROOT / "run.sh"), str(SMOKE), "--output_dir", "out", "--num_train_epochs", "30"],
+    process = subprocess.Popen([str(ROOT / "run.sh"), str(SMOKE), "--output_dir", "out", "--num_train_epochs", "1000"],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     deadline = time.monotonic() + 300
+    # (a budget far past the first evaluation: the signal must find the run training, however fast this machine is)
     while not (tmp_path / "out" / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)

@@ -40,16 +40,28 @@ def _convert(key: str, raw: str, current: Any) -> Any:
     return raw
 
 
+def label_maps(label_names: list[str]) -> dict:
+    """`id2label` and `label2id` of a transformers config, for the task's label names in id order."""
+    return {"id2label": dict(enumerate(label_names)), "label2id": {name: i for i, name in enumerate(label_names)}}
+
+
+def saver_with(companion):
+    """`Task.save_model` for a transformers model and the `companion` that prepares its inputs (a tokenizer or an
+    image processor), saved into the same folder: what `from_pretrained` and `pipeline` load."""
+    def save_model(module, folder) -> None:
+        module.save_pretrained(folder)
+        companion.save_pretrained(folder)
+
+    return save_model
+
+
 def load_model_config(path: str, label_names: list[str], overrides: dict[str, str], dropout_off: bool = False):
     """The config at `path` (a hub id or a folder with config.json) with this task's labels and `overrides`, and
     every dropout probability at 0 when `dropout_off`."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(
-            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-        )
+        config = AutoConfig.from_pretrained(path, num_labels=len(label_names), **label_maps(label_names))
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"model_name_or_path: cannot load a model config from {path!r}: {first_line(error)}") from None
     for key, raw in overrides.items():

@@ -24,7 +24,7 @@ from swa_accel.config import first_line, resolved_config  # noqa: E402
 from swa_accel.field_types import check_field_types  # noqa: E402
 from swa_accel.xla import is_xla  # noqa: E402
 
-from recipes.model_config import ModelFactory, load_model_config, parse_overrides  # noqa: E402
+from recipes.model_config import ModelFactory, load_model_config, parse_overrides, saver_with  # noqa: E402
 from recipes.text import static_attention  # noqa: E402
 from recipes.text.data import TextDataArguments, load_text_data, padding_plan  # noqa: E402
 
@@ -68,15 +68,6 @@ def task_metrics(dataset_config_name: Optional[str]) -> tuple[str, ...]:
     return BASE_METRICS + EXTRA_METRICS.get(dataset_config_name or "", ())
 
 
-def make_save_model(tokenizer):
-    def save_model(module, folder: Path) -> None:
-        """safetensors + config.json (with id2label) + tokenizer: loadable by from_pretrained and pipeline()."""
-        module.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    return save_model
-
-
 def device_padding_plan(accelerator, data_args: TextDataArguments) -> tuple[bool, Optional[int]]:
     """`padding_plan` for the accelerator's device: (static_shapes, pad_to_multiple_of)."""
     return padding_plan(
@@ -109,7 +100,7 @@ def setup(argv: list[str]):
 
     metric_names = task_metrics(data_args.dataset_config_name)
     task = Task(build_model=model_factory, train_dataset=data.train, eval_datasets=data.evals,
-                save_model=make_save_model(tokenizer), collate_fn=data.collate_fn, metric_names=metric_names,
+                save_model=saver_with(tokenizer), collate_fn=data.collate_fn, metric_names=metric_names,
                 primary_metric="accuracy", drop_last=data.drop_last,
                 random_transforms=False,  # tokenized rows are fixed: no per-sample RNG to seed
                 # Selection (among SWA candidates) reads the dataset's validation split, when it is evaluated.

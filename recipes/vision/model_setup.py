@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from recipes.model_config import ModelFactory, load_model_config, parse_overrides
+from recipes.model_config import ModelFactory, label_maps, load_model_config, parse_overrides
 from recipes.vision.hf_models import SWACNNConfig, SWACNNForImageClassification
 from recipes.vision.models import MODEL_CLASSES
 from swa_accel.config import ConfigError, first_line
@@ -66,15 +66,10 @@ class VisionModelArguments:
         return {"width": self.width}
 
 
-def labels_of(data) -> dict:
-    names = list(data.label_names)
-    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
-
-
 def own_cnn_factory(model_args: VisionModelArguments, data):
     """One of models.py's CNNs as a transformers image classifier (hf_models.py), labelled with the data's names."""
     config = SWACNNConfig(model_args.model_name, num_channels=data.in_channels,
-                          architecture_args=model_args.kwargs(), **labels_of(data))
+                          architecture_args=model_args.kwargs(), **label_maps(list(data.label_names)))
     return lambda: SWACNNForImageClassification(config)
 
 

@@ -116,4 +116,4 @@ fi
 # Outputs and other relative paths in the config or on the command line are relative to where run.sh was called.
 cd "$CALLER_DIR"
 # (accelerate launch itself, minus its traceback on Ctrl-C: the training processes say what was saved.)
-exec "$VENV/bin/python" "$ROOT/swa_accel/quiet_launch.py" launch "${LAUNCH_ARGS[@]}" "$SCRIPT" --config "$RECIPE" "$@"
+exec "$VENV/bin/python" "$ROOT/swa_accel/runner/quiet_launch.py" launch "${LAUNCH_ARGS[@]}" "$SCRIPT" --config "$RECIPE" "$@"

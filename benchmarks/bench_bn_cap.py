@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_loop import recipe_module, synchronize  # noqa: E402
 from swa_accel.batchnorm import bn_order, recompute_bn, shard_loader  # noqa: E402
-from swa_accel.evaluation import compute_metrics, load_metrics, predict  # noqa: E402
-from swa_accel.task import keep_on_device, seeded_dataset  # noqa: E402
+from swa_accel.runner.evaluation import compute_metrics, load_metrics, predict  # noqa: E402
+from swa_accel.runner.task import keep_on_device, seeded_dataset  # noqa: E402
 from recipes.vision.image_tensors import ImageTensorDataset  # noqa: E402
 from swa_accel.seeding import BN_STREAM  # noqa: E402
 

@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from swa_accel.batches import forward_logits  # noqa: E402
-from swa_accel.loop import RecipeTrainer  # noqa: E402
-from swa_accel.xla import mark_step  # noqa: E402
+from swa_accel.runner.loop import RecipeTrainer  # noqa: E402
+from swa_accel.runner.xla import mark_step  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -73,7 +73,7 @@ def recipe_argv(config: str, overrides: list[str], steps: int) -> list[str]:
 
 
 def run_recipe_timed(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    from swa_accel.cli import run_recipe
+    from swa_accel.runner.cli import run_recipe
 
     marks: dict[int, float] = {}
     compiled = []
@@ -94,9 +94,9 @@ def run_recipe_timed(config: str, overrides: list[str], steps: int, warmup: int)
 def run_bare(config: str, overrides: list[str], steps: int, warmup: int, compile_model: bool) -> dict:
     """The recipe's own setup builds model, data and optimizer; then a plain loop over held batches."""
     from recipes.vision.image_tensors import ImageTensorDataset
-    from swa_accel.loop import DTYPES
-    from swa_accel.task import seeded_dataset
-    from swa_accel.optim import build_optimizer
+    from swa_accel.runner.loop import DTYPES
+    from swa_accel.runner.task import seeded_dataset
+    from swa_accel.runner.optim import build_optimizer
     from swa_accel.seeding import TRAIN_STREAM
 
     module = recipe_module(config)

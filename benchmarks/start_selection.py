@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from swa_accel.choose_start import suggest_start  # noqa: E402
-from swa_accel.outputs import read_metrics  # noqa: E402
+from swa_accel.runner.choose_start import suggest_start  # noqa: E402
+from swa_accel.runner.outputs import read_metrics  # noqa: E402
 
 SCRIPT = ROOT / "recipes" / "vision" / "train.py"
 

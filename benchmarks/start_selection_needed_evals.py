@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from start_selection import run  # noqa: E402
-from swa_accel.choose_start import suggest_start  # noqa: E402
-from swa_accel.outputs import read_metrics  # noqa: E402
+from swa_accel.runner.choose_start import suggest_start  # noqa: E402
+from swa_accel.runner.outputs import read_metrics  # noqa: E402
 
 ONLY_FINAL = ["--eval_every_epochs", "1000"]
 

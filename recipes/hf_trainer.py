@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from swa_accel import SWAArguments
 from swa_accel.hf_trainer import add_swa
-from swa_accel.launch import end_process
+from swa_accel.runner.launch import end_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
         (output / "final" / "swa_eval.json").write_text(json.dumps({**metrics, "n_averaged": swa.swa.n_averaged}))
         print(f"swa eval accuracy {metrics['eval_accuracy']:.4f}; {swa.swa.n_averaged} snapshots averaged")
     trainer.accelerator.wait_for_everyone()
-    end_process(0)  # past gloo's teardown on CPU processes (see swa_accel.launch.end_process)
+    end_process(0)  # past gloo's teardown on CPU processes (see swa_accel.runner.launch.end_process)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from swa_accel.config import ConfigError, first_line
+from swa_accel.runner.config import ConfigError, first_line
 
 
 def parse_overrides(text: str | None) -> dict[str, str]:

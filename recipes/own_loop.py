@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from swa_accel import SWA, SWAArguments  # SWA
-from swa_accel.launch import end_process
+from swa_accel.runner.launch import end_process
 
 
 def build_model() -> nn.Module:

@@ -1,27 +1,29 @@
 """swa_accel: Stochastic Weight Averaging under Hugging Face Accelerate.
 
-`SWA` (swa.py) is the whole average in any accelerate loop; `hf_trainer.add_swa` puts it in a
-`transformers.Trainer`; `train`/`RecipeTrainer` (loop.py) is the recipes' loop around it.
+The core, importable on its own (it loads torch and accelerate, never transformers, datasets, evaluate, yaml or
+tqdm):
 
-Modules, one concern each: `config` (typed YAML + CLI configs), `schedule` (the run's timeline and pre-SWA LR),
-`swa_lr` (the SWA phase's LR, as torch's SWALR), `swa` (the SWA controller), `averaging` (the fp32 average and its
-main-process placement), `sharded` (the FSDP2 placement), `batchnorm` (exact BN recompute across ranks), `batches`
-(batch layouts), `candidates` (scored averages and the choice), `evaluation` (sharded metrics), `checkpointing`,
-`health` (the loss read and divergence checks), `phases` (timings), `task` (a recipe's task and its loaders),
-`loop`, `outputs`, `launch`, `xla` (what torch_xla needs, and its counters), `hf_trainer`.
+- `SWA` (swa.py): the whole average in any accelerate loop, as one object with one `state_dict`;
+- `SWAArguments` (arguments.py): its settings; `timeline` (the plan in optimizer steps); `swa_lr` (the SWA phase's
+  LR, as torch's SWALR); `averaging` (the fp32 average); `placement` (where it lives: the main process, or
+  `sharded` for FSDP2); `batchnorm` (exact BN recompute across ranks); `candidates` (scored averages and the
+  choice); `hf_trainer.add_swa` (for `transformers.Trainer`; it imports transformers when imported itself).
+
+The recipes' runner (`swa_accel.runner`: loop, task, config, console, outputs, checkpointing, launch, cli, xla,
+...) is a client of the core; the core never imports it.
 """
 
+from .arguments import SWAArguments
 from .averaging import WeightAverager
-from .placement import MainProcessPlacement
 from .batchnorm import recompute_bn
-from .config import ConfigError, RunArguments, SWAArguments, parse_config
-from .launch import make_accelerator
-from .loop import RecipeTrainer, train
+from .errors import ConfigError
+from .placement import MainProcessPlacement, Placement
 from .sharded import ShardedPlacement
 from .swa import SWA
-from .task import Task
+from .swa_lr import SWALRPhase
+from .timeline import TrainingPlan, plan_run
 
 __all__ = [
-    "ConfigError", "MainProcessPlacement", "RecipeTrainer", "RunArguments", "SWA", "SWAArguments",
-    "ShardedPlacement", "Task", "WeightAverager", "make_accelerator", "parse_config", "recompute_bn", "train",
+    "ConfigError", "MainProcessPlacement", "Placement", "SWA", "SWALRPhase", "SWAArguments", "ShardedPlacement",
+    "TrainingPlan", "WeightAverager", "plan_run", "recompute_bn",
 ]

@@ -7,10 +7,13 @@ a placement's choice: `placement.MainProcessPlacement` (the main process only) o
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # (placement.py imports this module)
+    from .placement import Placement
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -65,7 +68,7 @@ class WeightAverager:
         self,
         model: nn.Module,
         method: str,
-        placement,  # placement.MainProcessPlacement or sharded.ShardedPlacement
+        placement: Placement,
         process_index: int = 0,
         ema_decay: float = 0.999,
         ema_warmup: bool = False,

@@ -59,3 +59,12 @@ def forward_logits(model: nn.Module, batch: Any, input_dtype: Optional[torch.dty
     output = model(*cast_floating(args, input_dtype), **cast_floating(kwargs, input_dtype))
     logits = output.logits if hasattr(output, "logits") else output
     return logits, labels
+
+
+def to_device(batch: Any, device) -> Any:
+    """accelerate's `send_to_device` (nested batches of any layout), imported when first called: a loop that calls
+    this has built an Accelerator already, and `import swa_accel` stays at torch's cost (accelerate loads yaml and
+    tqdm)."""
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device)

@@ -14,13 +14,12 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .batches import forward_logits
+from .batches import forward_logits, to_device
 from .seeding import loader_generator
-from .xla import mark_step
+from .xla_sync import mark_step
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -103,7 +102,7 @@ def recompute_bn(
     seen = 0
     for batch in loader_factory():
         with autocast():
-            forward_logits(module, send_to_device(batch, device))
+            forward_logits(module, to_device(batch, device))
         torch._foreach_add_(sums, statistics)
         if device.type == "xla":
             mark_step()  # one graph per batch shape, the same at every batch and pass

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from .config import SELECTION_METRICS, ConfigError
+from .arguments import SELECTION_METRICS
+from .errors import ConfigError
 
 
 @dataclass

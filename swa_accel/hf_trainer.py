@@ -30,7 +30,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .config import ConfigError, SWAArguments
+from .arguments import SWAArguments
+from .errors import ConfigError
 from .swa import SWA
 
 STATE_FILE = "swa_state.pt"
@@ -127,7 +128,7 @@ def add_swa(trainer, args: SWAArguments) -> SWACallback:
     if args.swa_start_candidates or args.ema_decays:
         name = "swa_start_candidates" if args.swa_start_candidates else "ema_decays"
         raise ConfigError(f"{name}: add_swa keeps one average; candidates and the choice among them run in the "
-                          "recipes' loop (swa_accel.train)")
+                          "recipes' loop (swa_accel.runner.train)")
     callback = SWACallback(trainer, args)
     trainer.add_callback(callback)
     train, evaluate = trainer.train, trainer.evaluate

@@ -5,13 +5,43 @@ main process (one device, DDP, ZeRO-1/2); `sharded.ShardedPlacement` keeps each 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .averaging import WeightAverager, clean_name, named_tensors
 from .batchnorm import recompute_bn
+
+
+@runtime_checkable
+class Placement(Protocol):
+    """What the averager and the SWA controller ask of a placement; `MainProcessPlacement` and
+    `sharded.ShardedPlacement` are the two that answer it."""
+
+    name: str
+    #: Whether `holding_average` yields a module of its own (which may outlive the block), not the training model.
+    separate_module: bool
+    #: Where this rank's averaged tensors live.
+    device: torch.device
+    #: The sharded placement's live swap of the average into the training model (None when none, or never).
+    active_swap: Optional[Any]
+
+    def holds_copy(self, process_index: int) -> bool: ...
+
+    def local_tensors(self, model: nn.Module, buffers: bool) -> dict[str, torch.Tensor]: ...
+
+    def holding_average(self, averager: WeightAverager, model: nn.Module, base_model: nn.Module,
+                        build_model: Callable[[], nn.Module], num_processes: int, candidate: Optional[str] = None,
+                        in_model: bool = False) -> ContextManager[nn.Module]: ...
+
+    def recompute_bn(self, module: nn.Module, loader_factory, device: torch.device, num_processes: int,
+                     autocast) -> int: ...
+
+    def full_state(self, averager: WeightAverager, module: nn.Module,
+                   process_index: int) -> Optional[dict[str, torch.Tensor]]: ...
+
+    def register_checkpointing(self, accelerator, averager: WeightAverager) -> None: ...
 
 
 class MainProcessPlacement:
@@ -28,6 +58,8 @@ class MainProcessPlacement:
     name = "main"
     #: `holding_average` yields a module of its own, which may outlive the block (by default).
     separate_module = True
+    #: (The average is never swapped into the model behind the loop's back here.)
+    active_swap = None
 
     def __init__(self, device: torch.device, offload_to_cpu: bool = False) -> None:
         self.device = torch.device("cpu") if offload_to_cpu else device

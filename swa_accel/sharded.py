@@ -31,25 +31,34 @@ A training loop uses it like this (see tests/workers/fsdp2_averaging.py):
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from accelerate.utils import send_to_device
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 from .averaging import WeightAverager, clean_name
-from .batches import forward_logits
+from .batches import forward_logits, to_device
 from .batchnorm import batchnorm_layers, recompute_bn
 from .sharded_checkpoints import register_shard_checkpointing
 
+
+# torch's FSDP and DTensor modules take about a second to import (and load tqdm); a model can hold a DTensor or an
+# FSDPModule only once they are loaded, so they are looked up, never imported, here.
+def _is_dtensor(tensor) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _is_fsdp_module(module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's storage of a (possibly DTensor) parameter or buffer; in-place writes reach the model."""
     with torch.no_grad():  # without grad, `to_local` aliases the DTensor's local storage (no autograd node)
-        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
 def reshard_all(model: nn.Module) -> None:
@@ -60,7 +69,7 @@ def reshard_all(model: nn.Module) -> None:
     reading shards they would hide the DTensors. No collective: resharding only drops memory.
     """
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if _is_fsdp_module(module):
             module.reshard()
 
 
@@ -243,7 +252,7 @@ def recompute_bn_sharded(
             raise ValueError("bn_recompute: a rank has no BatchNorm batch (fewer batches than processes); "
                              "lower the batch size or read more samples")
         if own < most:
-            spare = send_to_device(next(iter(loader_factory())), device)
+            spare = to_device(next(iter(loader_factory())), device)
             was_training = model.training
             model.eval()
             for _ in range(most - own):
@@ -269,7 +278,7 @@ def gather_full_state(averager: WeightAverager, model: nn.Module,
     average (even when the model trains in bf16), buffers from the model (the recomputed statistics).
     Each DTensor is gathered on its own (`full_tensor`), so a rank holds one full tensor at a time.
     """
-    swap = getattr(averager.placement, "active_swap", None)
+    swap = averager.placement.active_swap
     if swap is None or swap.model is not model:
         raise RuntimeError("gather_full_state: call it inside swapped_in(averager, model), after the BN recompute, "
                            "so the exported buffers are the averaged model's")
@@ -278,9 +287,9 @@ def gather_full_state(averager: WeightAverager, model: nn.Module,
     for key, value in model.state_dict().items():
         name = clean_name(key)
         average = swap.fp32_average.get(name)
-        if isinstance(value, DTensor):
+        if _is_dtensor(value):
             local = value.to_local() if average is None else average.to(value.device)
-            full = DTensor.from_local(local, value.device_mesh, value.placements, run_check=False,
+            full = type(value).from_local(local, value.device_mesh, value.placements, run_check=False,
                                       shape=value.shape, stride=value.stride()).full_tensor()
         else:
             full = value if average is None else average

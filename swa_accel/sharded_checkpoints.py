@@ -25,7 +25,7 @@ def shard_file(folder: str | Path, process_index: int, num_processes: int) -> Pa
 
 def save_shards(averager: WeightAverager, folder: str | Path, process_index: int, num_processes: int) -> Path:
     """Writes this rank's averager state (its shards, `n_averaged`, ...) to its own file in `folder`."""
-    if getattr(averager.placement, "active_swap", None) is not None:
+    if averager.placement.active_swap is not None:
         raise RuntimeError("save_shards: the average is swapped into the model; save after swapped_in exits")
     shapes = {name: list(t.shape) for name, t in (averager.averaged or {}).items()}
     path = shard_file(folder, process_index, num_processes)

@@ -28,8 +28,9 @@ from .averaging import WeightAverager
 from .placement import MainProcessPlacement, choose_placement
 from .batchnorm import bn_loader_from
 from .candidates import Candidate, Choice, choose
-from .config import ConfigError, SWAArguments
-from .schedule import TrainingPlan, plan_run
+from .arguments import SWAArguments
+from .errors import ConfigError
+from .timeline import TrainingPlan, plan_run
 from .sharded import ShardedPlacement
 from .swa_lr import SWALRPhase
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 LAST_USED = "swa_last_lr"  # the rate of the latest optimizer step before the SWA phase
 ANNEAL_FROM = "swa_anneal_from"  # where the anneal starts: the last pre-SWA rate

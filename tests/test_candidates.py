@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from swa_accel import MainProcessPlacement, WeightAverager
-from swa_accel.choose_start import main as choose_start_main
-from swa_accel.choose_start import suggest_start
-from swa_accel.config import ConfigError, SWAArguments, RunArguments, parse_config
-from swa_accel.schedule import make_plan
+from swa_accel.runner.choose_start import main as choose_start_main
+from swa_accel.runner.choose_start import suggest_start
+from swa_accel.runner.config import ConfigError, SWAArguments, RunArguments, parse_config
+from swa_accel.runner.lr_schedule import make_plan
 from swa_accel.candidates import choose_candidate
 from tests.test_averaging import small_net, trajectory
 
@@ -194,7 +194,12 @@ def test_candidate_settings_from_yaml_lists_and_flags(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("swa_start_candidates: [12, 16]\nema_decays: [0.9, 0.99]\nselection_metric: accuracy\n")
     (swa,) = parse_config((SWAArguments,), ["--config", str(config)])
-    assert swa.swa_start_candidates == "12,16" and swa.ema_decay_values() == (0.9, 0.99)
+    # Lists are parsed once, into typed values, whether they come as YAML lists, comma strings or lists in code.
+    assert swa.swa_start_candidates == [12.0, 16.0] and swa.ema_decays == [0.9, 0.99]
+    assert swa.ema_decay_values() == (0.9, 0.99) and swa.start_candidates_spec() == ("epochs", (12.0, 16.0))
+    assert SWAArguments(swa_start_candidates="12, 16", ema_decays=[0.9, 0.99], selection_metric="accuracy") == swa
+    assert SWAArguments(swa_start_candidates=" every_3_epochs ").swa_start_candidates == "every_3_epochs"
+    assert SWAArguments(swa_start_candidates="0.5,0.75").start_candidates_spec() == ("fractions", (0.5, 0.75))
     (swa,) = parse_config((SWAArguments,), ["--config", str(config), "--swa_start_candidates", "none"])
     assert swa.swa_start_candidates is None
     with pytest.raises(ConfigError, match=r"^ema_decays: each decay must be in \(0, 1\), got 1.5"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swa_accel.outputs import read_metrics
+from swa_accel.runner.outputs import read_metrics
 from tests.helpers.final_weights import assert_same_final_weights
 from tests.helpers.launch import ROOT, free_port, launch, run_python
 

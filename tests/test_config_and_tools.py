@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-import swa_accel.launch as launch_module
-from swa_accel.launcher_request import process_count_warning, requested_processes
+import swa_accel.runner.launch as launch_module
+from swa_accel.runner.launcher_request import process_count_warning, requested_processes
 from recipes.vision.data import VisionDataArguments
 from recipes.vision.model_setup import VisionModelArguments
-from swa_accel.choose_start import main as choose_start_main
-from swa_accel.choose_start import suggest_start
-from swa_accel.config import ConfigError, SWAArguments, RunArguments, parse_config
+from swa_accel.runner.choose_start import main as choose_start_main
+from swa_accel.runner.choose_start import suggest_start
+from swa_accel.runner.config import ConfigError, SWAArguments, RunArguments, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = (VisionDataArguments, VisionModelArguments, RunArguments, SWAArguments)
@@ -105,7 +105,7 @@ def test_the_last_occurrence_of_a_flag_wins_also_for_none():
 def test_an_fsdp_or_deepspeed_request_that_accelerate_dropped_is_refused():
     from accelerate.utils import DistributedType
 
-    from swa_accel.launch import refuse_silent_downgrade
+    from swa_accel.runner.launch import refuse_silent_downgrade
 
     with pytest.raises(ConfigError, match=r"^launch: the accelerate config asks for FSDP \(distributed_type: FSDP\), "
                                           r"but accelerate set up MULTI_CPU here"):
@@ -185,8 +185,8 @@ def test_an_unknown_option_names_itself_and_the_fix(argv, expected):
 
 
 def test_console_lines_and_warnings_before_a_wasted_run():
-    from swa_accel.console import evaluation_line, plan_line, plan_warnings
-    from swa_accel.schedule import plan_run
+    from swa_accel.runner.console import evaluation_line, plan_line, plan_warnings
+    from swa_accel.timeline import plan_run
 
     swa = SWAArguments(swa_start_epoch=1, swa_lr=0.05)
     plan = plan_run(8, swa, num_epochs=3)
@@ -211,8 +211,8 @@ def test_the_process_count_the_launch_asked_for_is_read_from_its_command_line():
     accelerate = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
     script = ["recipes/vision/train.py", "--num_processes", "7"]  # the script's own arguments are not the launch's
     assert requested_processes([*accelerate, "--num_processes", "2", *script]) == (2, "--num_processes 2")
-    two = str(Path(launch_module.__file__).parents[1] / "accelerate_configs" / "cpu_2proc.yaml")
-    quiet = ["python", "swa_accel/quiet_launch.py", "launch"]  # run.sh's launcher
+    two = str(Path(launch_module.__file__).parents[2] / "accelerate_configs" / "cpu_2proc.yaml")
+    quiet = ["python", "swa_accel/runner/quiet_launch.py", "launch"]  # run.sh's launcher
     assert requested_processes([*quiet, "--config_file", two, *script]) == (2, f"num_processes: 2 in {two}")
     # Not an accelerate launch, or one it cannot parse: nothing to compare.
     assert requested_processes(["torchrun", "--nproc_per_node", "2", *script]) is None

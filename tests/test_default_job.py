@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from swa_accel.outputs import read_metrics
+from swa_accel.runner.outputs import read_metrics
 from tests.helpers.launch import ROOT, launch
 
 SCRIPT = ROOT / "recipes" / "vision" / "train.py"

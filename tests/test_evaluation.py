@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from swa_accel.evaluation import load_metrics, score
+from swa_accel.runner.evaluation import load_metrics, score
 
 
 def test_score_gives_what_compute_gives_for_every_shipped_metric():

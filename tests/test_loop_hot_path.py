@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from swa_accel.outputs import read_metrics
+from swa_accel.runner.outputs import read_metrics
 from tests.helpers.final_weights import assert_same_final_weights
 from tests.helpers.launch import ROOT, launch, run_python
 
@@ -81,7 +81,7 @@ def test_the_compile_config_asks_accelerate_for_inductor():
 
 
 def test_data_placement_choice():
-    from swa_accel.task import keep_on_device
+    from swa_accel.runner.task import keep_on_device
 
     cpu = torch.device("cpu")
     assert keep_on_device(10**12, cpu, "auto")  # the host is the training device: nothing to move

@@ -44,8 +44,8 @@ def test_the_wheel_holds_every_module_and_metric_and_imports_outside_the_reposit
                     str(tmp_path / "dist"), str(source)], check=True, capture_output=True, text=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("swa_accel-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {f"swa_accel/{p.name}" for p in (ROOT / "swa_accel").glob("*.py")}
-    metrics = {str(p.relative_to(ROOT)) for p in (ROOT / "swa_accel" / "metrics").glob("*/*.py")}
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "swa_accel").glob("**/*.py") if "metrics" not in p.parts}
+    metrics = {str(p.relative_to(ROOT)) for p in (ROOT / "swa_accel" / "runner" / "metrics").glob("*/*.py")}
     assert modules <= names and metrics <= names and len(metrics) == 5
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Requires-Dist: accelerate==1.15.0" in metadata and "Requires-Dist: torch==2.13.0" in metadata

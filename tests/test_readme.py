@@ -12,7 +12,7 @@ from recipes.text.data import TextDataArguments
 from recipes.text.train import TextModelArguments
 from recipes.vision.data import VisionDataArguments
 from recipes.vision.model_setup import VisionModelArguments
-from swa_accel.config import RunArguments, SWAArguments
+from swa_accel.runner.config import RunArguments, SWAArguments
 from tests.helpers.launch import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from swa_accel.config import ConfigError, SWAArguments, RunArguments
-from swa_accel.schedule import lr_curve, make_plan, make_scheduler, pre_swa_factor
+from swa_accel.runner.config import ConfigError, SWAArguments, RunArguments
+from swa_accel.runner.lr_schedule import lr_curve, make_plan, make_scheduler, pre_swa_factor
 from swa_accel.swa_lr import SWALRPhase
 
 

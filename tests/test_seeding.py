@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from recipes.vision.image_tensors import ImageTensorDataset
-from swa_accel.task import Task, seeded_dataset
+from swa_accel.runner.task import Task, seeded_dataset
 from swa_accel.seeding import SeededView
 
 

@@ -106,7 +106,7 @@ def test_misuse_is_refused_in_one_line():
 
 
 def test_phases_after_the_loop_are_kept_apart_from_the_loops_own():
-    from swa_accel.phases import PhaseClock
+    from swa_accel.runner.phases import PhaseClock
 
     clock = PhaseClock(xla=False)
     with clock.timed("evaluation"):

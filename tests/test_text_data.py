@@ -31,7 +31,7 @@ from recipes.text.data import (  # noqa: E402
     padding_plan,
 )
 from recipes.text.train import device_padding_plan  # noqa: E402
-from swa_accel.config import parse_config  # noqa: E402
+from swa_accel.runner.config import parse_config  # noqa: E402
 from tests.helpers.tiny_glue import make_glue_like, make_tiny_bert  # noqa: E402
 
 MODEL_INPUTS = {"input_ids", "token_type_ids", "attention_mask", "labels"}

@@ -21,9 +21,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 
 from recipes.text.data import TextDataArguments, default_model_path, load_text_data
 from recipes.text.train import TextModelArguments, task_metrics
-from swa_accel import SWAArguments, RunArguments, parse_config, recompute_bn
+from swa_accel import SWAArguments, recompute_bn
+from swa_accel.runner import RunArguments, parse_config
 from swa_accel.batchnorm import batchnorm_layers, shard_loader
-from swa_accel.outputs import read_metrics
+from swa_accel.runner.outputs import read_metrics
 from tests.helpers.launch import ROOT, launch, run_python
 from tests.helpers.tiny_glue import make_glue_like, make_tiny_bert
 

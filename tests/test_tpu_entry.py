@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from swa_accel.config import ConfigError
-from swa_accel.xla import expose_loader_dataset, refuse_bf16_storage
+from swa_accel.runner.config import ConfigError
+from swa_accel.runner.xla import expose_loader_dataset, refuse_bf16_storage
 from tests.helpers.launch import ROOT
 
 # What accelerate's TPU launcher does: the script's folder on sys.path, import it by name, call `main`.

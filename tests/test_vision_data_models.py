@@ -15,7 +15,7 @@ from recipes.vision.data import VisionDataArguments, decode_images, load_digits_
 from recipes.vision.hf_models import SWACNNConfig, SWACNNForImageClassification
 from recipes.vision.image_processing import image_processor
 from recipes.vision.model_setup import VisionModelArguments, transformers_factory
-from swa_accel.config import ConfigError
+from swa_accel.runner.config import ConfigError
 from recipes.vision.models import MODEL_CLASSES, PreResNet, SmallCNN, WideResNet, build_model
 from tests.helpers.tiny_datasets import CIFAR10_NAMES, make_cifar_like
 

@@ -16,9 +16,9 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from recipes.vision.data import VisionDataArguments, load_vision_data
 from recipes.vision.hf_models import SWACNNForImageClassification
-from swa_accel.evaluation import compute_metrics, load_metrics, predict
+from swa_accel.runner.evaluation import compute_metrics, load_metrics, predict
 from recipes.vision.image_tensors import identity_collate
-from swa_accel.outputs import read_metrics
+from swa_accel.runner.outputs import read_metrics
 from tests.helpers.final_weights import assert_same_final_weights
 from tests.helpers.launch import ROOT, launch, run_python
 from tests.helpers.one_process import OneProcess

@@ -32,7 +32,7 @@ from typing import Any, Callable, ContextManager, Optional
 import datasets
 import numpy as np
 
-from swa_accel.config import first_line
+from swa_accel.runner.config import first_line
 from swa_accel.field_types import check_field_types
 
 logger = logging.getLogger(__name__)

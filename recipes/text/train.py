@@ -18,11 +18,12 @@ from typing import Optional
 # that `swa_accel` and `recipes` import without installing anything.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from swa_accel import SWAArguments, Task, RunArguments, make_accelerator, parse_config  # noqa: E402
-from swa_accel.cli import run_recipe  # noqa: E402
-from swa_accel.config import first_line, resolved_config  # noqa: E402
+from swa_accel import SWAArguments  # noqa: E402
+from swa_accel.runner import RunArguments, Task, make_accelerator, parse_config  # noqa: E402
+from swa_accel.runner.cli import run_recipe  # noqa: E402
+from swa_accel.runner.config import first_line, resolved_config  # noqa: E402
 from swa_accel.field_types import check_field_types  # noqa: E402
-from swa_accel.xla import is_xla  # noqa: E402
+from swa_accel.runner.xla import is_xla  # noqa: E402
 
 from recipes.model_config import ModelFactory, load_model_config, parse_overrides, saver_with  # noqa: E402
 from recipes.text import static_attention  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 from recipes.model_config import ModelFactory, label_maps, load_model_config, parse_overrides
 from recipes.vision.hf_models import SWACNNConfig, SWACNNForImageClassification
 from recipes.vision.models import MODEL_CLASSES
-from swa_accel.config import ConfigError, first_line
+from swa_accel.runner.config import ConfigError, first_line
 from swa_accel.field_types import check_field_types
 
 

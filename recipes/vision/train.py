@@ -15,9 +15,10 @@ from pathlib import Path
 # that `swa_accel` and `recipes` import without installing anything.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from swa_accel import SWAArguments, Task, RunArguments, make_accelerator, parse_config  # noqa: E402
-from swa_accel.cli import run_recipe  # noqa: E402
-from swa_accel.config import resolved_config  # noqa: E402
+from swa_accel import SWAArguments  # noqa: E402
+from swa_accel.runner import RunArguments, Task, make_accelerator, parse_config  # noqa: E402
+from swa_accel.runner.cli import run_recipe  # noqa: E402
+from swa_accel.runner.config import resolved_config  # noqa: E402
 
 from recipes.model_config import saver_with  # noqa: E402
 from recipes.vision.data import VisionDataArguments, load_vision_data  # noqa: E402

@@ -1,4 +1,4 @@
-"""Stands in for an Accelerator where `swa_accel.evaluation.predict` scores an exported model on the CPU."""
+"""Stands in for an Accelerator where `swa_accel.runner.evaluation.predict` scores an exported model on the CPU."""
 
 import torch
 

@@ -20,8 +20,8 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from recipes.vision import train as vision_recipe  # noqa: E402
-from swa_accel.cli import run_recipe  # noqa: E402
-from swa_accel.loop import RecipeTrainer  # noqa: E402
+from swa_accel.runner.cli import run_recipe  # noqa: E402
+from swa_accel.runner.loop import RecipeTrainer  # noqa: E402
 
 SYNC_METHODS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
                 "masked_select", "unique", "equal", "allclose", "is_nonzero", "any", "all"}

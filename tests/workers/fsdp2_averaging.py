@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from swa_accel import WeightAverager  # noqa: E402
 from swa_accel.batchnorm import shard_loader  # noqa: E402
-from swa_accel.config import RunArguments  # noqa: E402
-from swa_accel.launch import end_process, make_accelerator  # noqa: E402
+from swa_accel.runner.config import RunArguments  # noqa: E402
+from swa_accel.runner.launch import end_process, make_accelerator  # noqa: E402
 from swa_accel.sharded import (  # noqa: E402
     ShardedPlacement,
     averaged_bytes,

@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from recipes.vision import train as vision_recipe  # noqa: E402
-from swa_accel.cli import run_recipe  # noqa: E402
-from swa_accel.loop import RecipeTrainer  # noqa: E402
+from swa_accel.runner.cli import run_recipe  # noqa: E402
+from swa_accel.runner.loop import RecipeTrainer  # noqa: E402
 
 
 def main():

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from recipes.vision.train import setup  # noqa: E402
-from swa_accel.cli import run_recipe  # noqa: E402
+from swa_accel.runner.cli import run_recipe  # noqa: E402
 
 for argv in json.loads(sys.argv[1]):
     stderr, code = io.StringIO(), 0

@@ -9,7 +9,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from .config import SWAArguments
-from .schedule import TrainingPlan
+from .lr_schedule import TrainingPlan
 
 
 def say(accelerator, line: str) -> None:

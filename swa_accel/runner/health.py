@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .checkpointing import list_checkpoints
-from .sharded import local_shard
+from ..sharded import local_shard
 
 
 class TrainingDiverged(RuntimeError):

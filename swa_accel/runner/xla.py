@@ -17,7 +17,8 @@ from typing import Mapping
 from accelerate.utils import DistributedType
 
 from .config import ConfigError
-from .seeding import XLA_STEP_STREAM, sample_seed
+from ..seeding import XLA_STEP_STREAM, sample_seed
+from ..xla_sync import mark_step  # noqa: F401  (the loop's cut, re-exported)
 
 #: The variables with which XLA stores every float32 tensor as bf16 while its dtype still reads float32
 #: (pytorch/xla#1489); accelerate sets one of them for `mixed_precision: bf16` on a TPU.
@@ -51,13 +52,6 @@ def expose_loader_dataset(loader) -> None:
     inner = getattr(loader, "_loader", None)
     if inner is not None and not hasattr(loader, "dataset"):
         loader.dataset = inner.dataset
-
-
-def mark_step() -> None:
-    """Cuts the lazy trace and runs it (one graph per call site and shape, compiled once)."""
-    import torch_xla.core.xla_model as xm
-
-    xm.mark_step()
 
 
 def seed_step(seed: int, epoch: int, batch: int) -> None:

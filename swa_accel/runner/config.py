@@ -1,4 +1,4 @@
-"""Typed run configuration: dataclasses filled from a recipe YAML, then `--key value` overrides.
+"""The recipes' typed run configuration: dataclasses filled from a recipe YAML, then `--key value` overrides.
 
 The parsing itself is `transformers.HfArgumentParser`; this module only adds the YAML layer,
 rejects unknown keys by name and turns every config error into one line.
@@ -18,8 +18,9 @@ from typing import Any, Optional
 import yaml
 from transformers import HfArgumentParser
 
-from .errors import ConfigError, first_line
-from .field_types import check_field_types
+from ..arguments import SWAArguments  # noqa: F401  (the recipes' configs name it beside RunArguments)
+from ..errors import ConfigError, first_line
+from ..field_types import check_field_types
 from .preemption import signal_number
 
 
@@ -130,169 +131,6 @@ class RunArguments:
             raise ConfigError(f"divergence_bound: must be > 0, got {self.divergence_bound}")
         if self.resume_from_checkpoint in ("None", "none", ""):
             self.resume_from_checkpoint = None
-
-
-@dataclass
-class SWAArguments:
-    """When and how weights are averaged, and how the LR behaves during averaging."""
-
-    swa_method: str = _help("swa (equal weights), ema, or none (plain training).", default="swa")
-    swa_start_fraction: float = _help("Start averaging after this fraction of the optimizer steps.", default=0.75)
-    swa_start_epoch: Optional[int] = _help("Start averaging at this epoch (0-based); overrides the fraction.", default=None)
-    swa_start_step: Optional[int] = _help("Start averaging at this optimizer step; overrides the fraction.", default=None)
-    # (Typed str for the command line; it holds a float, or a list of floats, once parsed.)
-    swa_lr: Optional[str] = _help(
-        "Constant LR of the SWA phase, as torch's SWALR: one rate for every param group, or one per group "
-        "('0.05,0.01'); the anneal starts from the last rate used. None keeps the pre-SWA schedule.", default=None)
-    swa_anneal_steps: Optional[int] = _help("Steps of the anneal to swa_lr; None means one epoch of steps.", default=None)
-    swa_anneal_strategy: str = _help("cos or linear anneal to swa_lr.", default="cos")
-    swa_update_every_steps: Optional[int] = _help("Average every N optimizer steps; None averages at each epoch end.",
-                                                  default=None)
-    ema_decay: float = _help("EMA decay per averaging update.", default=0.999)
-    ema_warmup: bool = _help("Use min(ema_decay, (1 + n) / (10 + n)) so early EMA is not stuck at init.", default=False)
-    ema_buffers: str = _help("EMA buffers: average or copy.", default="average")
-    swa_start_candidates: Optional[str] = _help(
-        "One run, many averages: later starts whose averages are kept beside the main one and chosen from at the "
-        "end on the validation split. 'every_epoch' (each epoch from the SWA start), 'every_2_epochs' (or any N), "
-        "epochs ('12,16,20') or "
-        "fractions of the budget ('0.5,0.75'); the SWA start itself is always the first candidate. "
-        "One averaged copy per candidate, no extra work per update.", default=None)
-    ema_decays: Optional[str] = _help(
-        "Side EMAs of the same averaging updates, as more candidates ('0.9,0.99'; decay per update), "
-        "one fp32 copy each.", default=None)
-    selection_metric: str = _help(
-        "Validation metric that picks the exported candidate: nll or ece (lower is better), accuracy or f1 "
-        "(higher is better).", default="nll")
-    swa_placement: str = _help(
-        "Where the fp32 average lives. auto: 'sharded' under FSDP2, else 'main'. main: one copy on the main "
-        "process. sharded: every rank averages its own shards (FSDP2; under DDP each rank averages its replica).",
-        default="auto")
-    swa_offload_to_cpu: bool = _help("Keep the averaged copy in CPU memory.", default=False)
-    bn_recompute_max_samples: Optional[int] = _help(
-        "Training samples (all ranks together) of the BN recompute before an intermediate evaluation or "
-        "checkpoint, drawn at random; precise-BN work finds 10^3 to 10^4 enough. The final export always uses "
-        "a full pass. None: always full.",
-        default=4096)
-    bn_recompute_batch_size: Optional[int] = _help(
-        "Per-process batch size of the BN recompute's forwards. They keep no gradients, so they can be as large as "
-        "evaluation batches; each batch's mean and unbiased variance estimate the data's at any batch size, and "
-        "larger batches need fewer forwards. None: the training batch size (what torch's update_bn over the "
-        "train loader uses).", default=None)
-
-    def __post_init__(self) -> None:
-        # (The three lists normalise themselves below: one value, a comma string or a YAML list.)
-        check_field_types(self, skip=frozenset({"swa_lr", "swa_start_candidates", "ema_decays"}))
-        if self.swa_method not in ("swa", "ema", "none"):
-            raise ConfigError(f"swa_method: must be swa, ema or none, got {self.swa_method!r}")
-        if not 0.0 <= self.swa_start_fraction < 1.0:
-            raise ConfigError(f"swa_start_fraction: must be in [0, 1), got {self.swa_start_fraction}")
-        if self.swa_start_epoch is not None and self.swa_start_step is not None:
-            raise ConfigError("swa_start_epoch: set either swa_start_epoch or swa_start_step, not both")
-        for name in ("swa_start_epoch", "swa_start_step"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {value}")
-        self.swa_lr = _rates(self.swa_lr)
-        if self.swa_anneal_steps is not None and self.swa_anneal_steps < 0:
-            raise ConfigError(f"swa_anneal_steps: must be >= 0, got {self.swa_anneal_steps}")
-        if self.swa_anneal_strategy not in ("cos", "linear"):
-            raise ConfigError(f"swa_anneal_strategy: must be cos or linear, got {self.swa_anneal_strategy!r}")
-        if self.swa_update_every_steps is not None and self.swa_update_every_steps < 1:
-            raise ConfigError(f"swa_update_every_steps: must be >= 1, got {self.swa_update_every_steps}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
-        if self.ema_buffers not in ("average", "copy"):
-            raise ConfigError(f"ema_buffers: must be average or copy, got {self.ema_buffers!r}")
-        self.swa_start_candidates = _comma_list(self.swa_start_candidates)
-        self.ema_decays = _comma_list(self.ema_decays)
-        self.start_candidates_spec()  # validates
-        for decay in self.ema_decay_values():
-            if not 0.0 < decay < 1.0:
-                raise ConfigError(f"ema_decays: each decay must be in (0, 1), got {decay}")
-        # (With swa_method none nothing is averaged, and a config's candidates are simply unused.)
-        if (self.swa_start_candidates or self.ema_decays) and self.swa_method == "ema":
-            raise ConfigError(f"swa_start_candidates: candidates are averages of an SWA run; swa_method is "
-                              f"{self.swa_method!r}: pass --swa_start_candidates none --ema_decays none, or "
-                              "--swa_method swa")
-        if self.selection_metric not in SELECTION_METRICS:
-            raise ConfigError(f"selection_metric: must be one of {', '.join(SELECTION_METRICS)}, "
-                              f"got {self.selection_metric!r}")
-        if self.swa_placement not in ("auto", "main", "sharded"):
-            raise ConfigError(f"swa_placement: must be auto, main or sharded, got {self.swa_placement!r}")
-        if self.bn_recompute_batch_size is not None and self.bn_recompute_batch_size < 1:
-            raise ConfigError(f"bn_recompute_batch_size: must be >= 1, got {self.bn_recompute_batch_size}")
-        if self.bn_recompute_max_samples is not None and self.bn_recompute_max_samples < 1:
-            raise ConfigError(f"bn_recompute_max_samples: must be >= 1, got {self.bn_recompute_max_samples}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.swa_method != "none"
-
-    def start_candidates_spec(self) -> tuple[str, tuple[float, ...]]:
-        """('none' | 'every_epoch' (values: the spacing) | 'epochs' | 'fractions', values) from `swa_start_candidates`."""
-        text = self.swa_start_candidates
-        if text is None:
-            return "none", ()
-        if text == "every_epoch":
-            return "every_epoch", (1.0,)
-        every = re.fullmatch(r"every_([1-9][0-9]*)_epochs", text)
-        if every:
-            return "every_epoch", (float(every.group(1)),)
-        try:
-            values = tuple(float(v) for v in text.split(","))
-        except ValueError:
-            raise ConfigError(f"swa_start_candidates: must be every_epoch, every_N_epochs or a list of epochs or fractions, "
-                              f"got {text!r}") from None
-        if all(v.is_integer() and v >= 0 and "." not in t for v, t in zip(values, text.split(","))):
-            return "epochs", values
-        if all(0.0 < v < 1.0 for v in values):
-            return "fractions", values
-        raise ConfigError(f"swa_start_candidates: list whole epochs (>= 0) or fractions in (0, 1), not a mix; "
-                          f"got {text!r}")
-
-    def swa_lr_values(self) -> tuple[float, ...]:
-        """`swa_lr` as a tuple: one rate, or one per param group (empty when None)."""
-        if self.swa_lr is None:
-            return ()
-        return tuple(self.swa_lr) if isinstance(self.swa_lr, list) else (self.swa_lr,)
-
-    def ema_decay_values(self) -> tuple[float, ...]:
-        if self.ema_decays is None:
-            return ()
-        try:
-            return tuple(float(v) for v in self.ema_decays.split(","))
-        except ValueError:
-            raise ConfigError(f"ema_decays: must be a list of decays such as 0.9,0.99, got {self.ema_decays!r}") \
-                from None
-
-
-#: Metrics `selection_metric` may name, and whether higher is better.
-SELECTION_METRICS = {"nll": False, "ece": False, "accuracy": True, "f1": True}
-
-
-def _comma_list(value: Any) -> Optional[str]:
-    """A YAML list or a comma-separated string, as one normalised comma string (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    text = ",".join(part.strip() for part in str(value).split(",") if part.strip())
-    return text or None
-
-
-def _rates(value: Any) -> Any:
-    """`swa_lr` from the command line, YAML or code: None, one rate (a float) or one per param group (a list)."""
-    text = _comma_list(value)
-    if text is None:
-        return None
-    try:
-        rates = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"swa_lr: must be a rate or a list of rates such as 0.05,0.01, got {value!r}") from None
-    for rate in rates:
-        if not rate > 0:
-            raise ConfigError(f"swa_lr: must be > 0, got {rate}")
-    return rates[0] if len(rates) == 1 else rates
 
 
 class _OneLineArgumentParser(HfArgumentParser):

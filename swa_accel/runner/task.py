@@ -12,9 +12,9 @@ from accelerate.logging import get_logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .batches import SelfBatchingDataset
-from .batchnorm import bn_pass_loader
-from .seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
+from ..batches import SelfBatchingDataset
+from ..batchnorm import bn_pass_loader
+from ..seeding import BN_STREAM, TRAIN_STREAM, SeededView, loader_generator
 
 logger = get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """`accelerate launch`, ended quietly by Ctrl-C: the training processes print what was saved and how to resume, so
 the launcher's own KeyboardInterrupt traceback would only bury that line. run.sh starts the recipes through it:
 
-    python swa_accel/quiet_launch.py launch --config_file ... recipes/vision/train.py ...
+    python swa_accel/runner/quiet_launch.py launch --config_file ... recipes/vision/train.py ...
 """
 
 import sys

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .candidates import Choice
+from ..candidates import Choice
 
 
 def git_commit() -> Optional[str]:

@@ -19,9 +19,9 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from .averaging import clean_name
-from .batches import forward_logits
-from .candidates import Choice, check_selection
+from ..averaging import clean_name
+from ..batches import forward_logits
+from ..candidates import Choice, check_selection
 from .checkpointing import (TrainState, check_output_dir, checkpoint_name, clear_previous_run, list_checkpoints,
                             resolve_resume_path, restore, save_checkpoint)
 from .config import RunArguments, SWAArguments
@@ -32,8 +32,8 @@ from .optim import build_optimizer
 from .outputs import (MetricsLog, finished_run, launch_record, log_evaluation, plot_curves, print_closing_table,
                       write_final_records, write_resolved_config)
 from .phases import PhaseClock
-from .schedule import TrainingPlan, lr_curve, make_plan, make_scheduler, rates_from_config
-from .swa import SWA
+from .lr_schedule import TrainingPlan, lr_curve, make_plan, make_scheduler, rates_from_config
+from ..swa import SWA
 from .task import Task, TaskData, set_epoch
 from .preemption import PREEMPTED_EXIT_CODE, StopSignals
 from .xla import expose_loader_dataset, is_xla, on_host, refuse_bf16_storage, seed_step

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .batches import forward_logits
+from ..batches import forward_logits
 
 LOCAL_METRICS = Path(__file__).parent / "metrics"
 PROBABILITY_METRICS = ("nll", "ece")

@@ -1,0 +1,199 @@
+"""`SWAArguments`: when and how weights are averaged, and the SWA phase's learning rate.
+
+A plain dataclass that imports nothing beyond the standard library: the recipes fill it from YAML and the command
+line (`swa_accel.runner.config`), a user's own loop builds it in code. Lists given as comma strings (the command
+line's form) or as lists are parsed once, here, into lists of floats.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import ConfigError
+from .field_types import check_field_types
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+#: Metrics `selection_metric` may name, and whether higher is better.
+SELECTION_METRICS = {"nll": False, "ece": False, "accuracy": True, "f1": True}
+
+
+@dataclass
+class SWAArguments:
+    """When and how weights are averaged, and how the LR behaves during averaging."""
+
+    swa_method: str = _help("swa (equal weights), ema, or none (plain training).", default="swa")
+    swa_start_fraction: float = _help("Start averaging after this fraction of the optimizer steps.", default=0.75)
+    swa_start_epoch: Optional[int] = _help("Start averaging at this epoch (0-based); overrides the fraction.", default=None)
+    swa_start_step: Optional[int] = _help("Start averaging at this optimizer step; overrides the fraction.", default=None)
+    # (swa_lr, swa_start_candidates and ema_decays are typed str for the command line, where a list is a comma
+    # string; __post_init__ parses them once: a float or a list of floats, 'every_N_epochs' or a list of floats.)
+    swa_lr: Optional[str] = _help(
+        "Constant LR of the SWA phase, as torch's SWALR: one rate for every param group, or one per group "
+        "('0.05,0.01'); the anneal starts from the last rate used. None keeps the pre-SWA schedule.", default=None)
+    swa_anneal_steps: Optional[int] = _help("Steps of the anneal to swa_lr; None means one epoch of steps.", default=None)
+    swa_anneal_strategy: str = _help("cos or linear anneal to swa_lr.", default="cos")
+    swa_update_every_steps: Optional[int] = _help("Average every N optimizer steps; None averages at each epoch end.",
+                                                  default=None)
+    ema_decay: float = _help("EMA decay per averaging update.", default=0.999)
+    ema_warmup: bool = _help("Use min(ema_decay, (1 + n) / (10 + n)) so early EMA is not stuck at init.", default=False)
+    ema_buffers: str = _help("EMA buffers: average or copy.", default="average")
+    swa_start_candidates: Optional[str] = _help(
+        "One run, many averages: later starts whose averages are kept beside the main one and chosen from at the "
+        "end on the validation split. 'every_epoch' (each epoch from the SWA start), 'every_2_epochs' (or any N), "
+        "epochs ('12,16,20') or "
+        "fractions of the budget ('0.5,0.75'); the SWA start itself is always the first candidate. "
+        "One averaged copy per candidate, no extra work per update.", default=None)
+    ema_decays: Optional[str] = _help(
+        "Side EMAs of the same averaging updates, as more candidates ('0.9,0.99'; decay per update), "
+        "one fp32 copy each.", default=None)
+    selection_metric: str = _help(
+        "Validation metric that picks the exported candidate: nll or ece (lower is better), accuracy or f1 "
+        "(higher is better).", default="nll")
+    swa_placement: str = _help(
+        "Where the fp32 average lives. auto: 'sharded' under FSDP2, else 'main'. main: one copy on the main "
+        "process. sharded: every rank averages its own shards (FSDP2; under DDP each rank averages its replica).",
+        default="auto")
+    swa_offload_to_cpu: bool = _help("Keep the averaged copy in CPU memory.", default=False)
+    bn_recompute_max_samples: Optional[int] = _help(
+        "Training samples (all ranks together) of the BN recompute before an intermediate evaluation or "
+        "checkpoint, drawn at random; precise-BN work finds 10^3 to 10^4 enough. The final export always uses "
+        "a full pass. None: always full.",
+        default=4096)
+    bn_recompute_batch_size: Optional[int] = _help(
+        "Per-process batch size of the BN recompute's forwards. They keep no gradients, so they can be as large as "
+        "evaluation batches; each batch's mean and unbiased variance estimate the data's at any batch size, and "
+        "larger batches need fewer forwards. None: the training batch size (what torch's update_bn over the "
+        "train loader uses).", default=None)
+
+    def __post_init__(self) -> None:
+        # (The three lists normalise themselves below: one value, a comma string or a YAML list.)
+        check_field_types(self, skip=frozenset({"swa_lr", "swa_start_candidates", "ema_decays"}))
+        if self.swa_method not in ("swa", "ema", "none"):
+            raise ConfigError(f"swa_method: must be swa, ema or none, got {self.swa_method!r}")
+        if not 0.0 <= self.swa_start_fraction < 1.0:
+            raise ConfigError(f"swa_start_fraction: must be in [0, 1), got {self.swa_start_fraction}")
+        if self.swa_start_epoch is not None and self.swa_start_step is not None:
+            raise ConfigError("swa_start_epoch: set either swa_start_epoch or swa_start_step, not both")
+        for name in ("swa_start_epoch", "swa_start_step"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {value}")
+        self.swa_lr = _rates(self.swa_lr)
+        if self.swa_anneal_steps is not None and self.swa_anneal_steps < 0:
+            raise ConfigError(f"swa_anneal_steps: must be >= 0, got {self.swa_anneal_steps}")
+        if self.swa_anneal_strategy not in ("cos", "linear"):
+            raise ConfigError(f"swa_anneal_strategy: must be cos or linear, got {self.swa_anneal_strategy!r}")
+        if self.swa_update_every_steps is not None and self.swa_update_every_steps < 1:
+            raise ConfigError(f"swa_update_every_steps: must be >= 1, got {self.swa_update_every_steps}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
+        if self.ema_buffers not in ("average", "copy"):
+            raise ConfigError(f"ema_buffers: must be average or copy, got {self.ema_buffers!r}")
+        self.swa_start_candidates = _start_candidates(self.swa_start_candidates)
+        self.ema_decays = _floats("ema_decays", self.ema_decays, "a list of decays such as 0.9,0.99")
+        for decay in self.ema_decays or ():
+            if not 0.0 < decay < 1.0:
+                raise ConfigError(f"ema_decays: each decay must be in (0, 1), got {decay}")
+        # (With swa_method none nothing is averaged, and a config's candidates are simply unused.)
+        if (self.swa_start_candidates or self.ema_decays) and self.swa_method == "ema":
+            raise ConfigError(f"swa_start_candidates: candidates are averages of an SWA run; swa_method is "
+                              f"{self.swa_method!r}: pass --swa_start_candidates none --ema_decays none, or "
+                              "--swa_method swa")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ConfigError(f"selection_metric: must be one of {', '.join(SELECTION_METRICS)}, "
+                              f"got {self.selection_metric!r}")
+        if self.swa_placement not in ("auto", "main", "sharded"):
+            raise ConfigError(f"swa_placement: must be auto, main or sharded, got {self.swa_placement!r}")
+        if self.bn_recompute_batch_size is not None and self.bn_recompute_batch_size < 1:
+            raise ConfigError(f"bn_recompute_batch_size: must be >= 1, got {self.bn_recompute_batch_size}")
+        if self.bn_recompute_max_samples is not None and self.bn_recompute_max_samples < 1:
+            raise ConfigError(f"bn_recompute_max_samples: must be >= 1, got {self.bn_recompute_max_samples}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.swa_method != "none"
+
+    def start_candidates_spec(self) -> tuple[str, tuple[float, ...]]:
+        """('none' | 'every_epoch' (values: the spacing in epochs) | 'epochs' | 'fractions', values)."""
+        value = self.swa_start_candidates
+        if value is None:
+            return "none", ()
+        if isinstance(value, str):
+            return "every_epoch", (float(_every_epochs(value)),)
+        if all(v.is_integer() for v in value):
+            return "epochs", tuple(value)
+        return "fractions", tuple(value)
+
+    def swa_lr_values(self) -> tuple[float, ...]:
+        """`swa_lr` as a tuple: one rate, or one per param group (empty when None)."""
+        if self.swa_lr is None:
+            return ()
+        return tuple(self.swa_lr) if isinstance(self.swa_lr, list) else (self.swa_lr,)
+
+    def ema_decay_values(self) -> tuple[float, ...]:
+        return tuple(self.ema_decays or ())
+
+
+def _comma_list(value: Any) -> Optional[list[str]]:
+    """A YAML list, a list in code or a comma-separated string, as a list of stripped words (None when empty)."""
+    if value is None:
+        return None
+    words = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    words = [str(word).strip() for word in words if str(word).strip()]
+    return words or None
+
+
+def _floats(name: str, value: Any, expected: str) -> Optional[list[float]]:
+    words = _comma_list(value)
+    if words is None:
+        return None
+    try:
+        return [float(word) for word in words]
+    except ValueError:
+        raise ConfigError(f"{name}: must be {expected}, got {value!r}") from None
+
+
+def _every_epochs(text: str) -> Optional[int]:
+    """N for 'every_N_epochs' (1 for 'every_epoch'), else None."""
+    if text == "every_epoch":
+        return 1
+    every = re.fullmatch(r"every_([1-9][0-9]*)_epochs", text)
+    return int(every.group(1)) if every else None
+
+
+def _start_candidates(value: Any) -> Any:
+    """`swa_start_candidates` as 'every_epoch' / 'every_N_epochs', or a list of whole epochs or of fractions."""
+    words = _comma_list(value)
+    if words is None:
+        return None
+    if len(words) == 1 and _every_epochs(words[0]) is not None:
+        return words[0]
+    text = ",".join(words)
+    try:
+        values = [float(word) for word in words]
+    except ValueError:
+        raise ConfigError(f"swa_start_candidates: must be every_epoch, every_N_epochs or a list of epochs or "
+                          f"fractions, got {text!r}") from None
+    if all(v.is_integer() and v >= 0 and "." not in word for v, word in zip(values, words)):
+        return values
+    if all(0.0 < v < 1.0 for v in values):
+        return values
+    raise ConfigError(f"swa_start_candidates: list whole epochs (>= 0) or fractions in (0, 1), not a mix; "
+                      f"got {text!r}")
+
+
+def _rates(value: Any) -> Any:
+    """`swa_lr` from the command line, YAML or code: None, one rate (a float) or one per param group (a list)."""
+    rates = _floats("swa_lr", value, "a rate or a list of rates such as 0.05,0.01")
+    if rates is None:
+        return None
+    for rate in rates:
+        if not rate > 0:
+            raise ConfigError(f"swa_lr: must be > 0, got {rate}")
+    return rates[0] if len(rates) == 1 else rates

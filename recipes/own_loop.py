@@ -7,6 +7,10 @@
 A BatchNorm MLP on scikit-learn's digits: constant LR, then SWALR's anneal to swa_lr and one average per
 epoch from `swa_start_epoch`; at the end the average gets its BN statistics recomputed across ranks and is
 evaluated. It saves every averaged snapshot, so that its average can be checked against their mean.
+
+Resumable: `accelerator.save_state` at every epoch end holds the average too (the SWA object registers itself),
+and `--resume` goes on from the last one exactly, because the shuffle is a function of (seed, epoch)
+(`use_seedable_sampler=True` and `set_epoch`); `--stop_after_epoch N` stops as a preemption would.
 """
 
 import argparse
@@ -15,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from torch import nn
@@ -41,9 +45,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--swa_start_epoch", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=32, help="per process")
+    parser.add_argument("--stop_after_epoch", type=int, default=None, help="stop after this epoch's checkpoint")
+    parser.add_argument("--resume", action="store_true", help="go on from output_dir/checkpoint")
     args = parser.parse_args()
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets 2 CPU processes form a group
+    # cpu=True lets 2 CPU processes form a group; a seedable sampler makes the shuffle a function of (seed, epoch),
+    # so that a resumed run sees the order an uninterrupted one would.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(0)
     model = build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -55,7 +64,12 @@ def main() -> None:
 
     output = Path(args.output_dir)
     (output / "snapshots").mkdir(parents=True, exist_ok=True)
-    for _ in range(args.epochs):
+    first_epoch = 0
+    if args.resume:
+        accelerator.load_state(str(output / "checkpoint"))  # the model, optimizer, RNGs and the average
+        first_epoch = swa.steps_done // len(loader)
+    for epoch in range(first_epoch, args.epochs):
+        loader.set_epoch(epoch)
         model.train()
         for x, y in loader:
             with accelerator.accumulate(model):
@@ -68,6 +82,11 @@ def main() -> None:
             # (for the check against the mean of the snapshots, not needed for SWA)
             weights = {k: v.detach().float().cpu() for k, v in accelerator.unwrap_model(model).named_parameters()}
             save_file(weights, str(output / "snapshots" / f"{swa.n_averaged:03d}.safetensors"))
+        accelerator.save_state(str(output / "checkpoint"))
+        if epoch + 1 == args.stop_after_epoch:
+            accelerator.wait_for_everyone()
+            end_process(0)
+            return
 
     # On every rank: the average, BN statistics recomputed over the whole training set, each rank its share.
     with swa.average_in_model(full_bn_pass=True) as swa_model:  # SWA

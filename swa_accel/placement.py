@@ -41,7 +41,9 @@ class Placement(Protocol):
     def full_state(self, averager: WeightAverager, module: nn.Module,
                    process_index: int) -> Optional[dict[str, torch.Tensor]]: ...
 
-    def register_checkpointing(self, accelerator, averager: WeightAverager) -> None: ...
+    def register_checkpointing(self, accelerator, owner) -> None:
+        """Makes accelerate's `save_state`/`load_state` hold `owner.state_dict()` (the SWA object's, which
+        includes its averager's) the way this placement needs."""
 
 
 class MainProcessPlacement:
@@ -131,9 +133,9 @@ class MainProcessPlacement:
             return None
         return {clean_name(k): v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
-    def register_checkpointing(self, accelerator, averager: WeightAverager) -> None:
-        """accelerate's checkpoints save the main process's copy and give it back to every rank on load."""
-        accelerator.register_for_checkpointing(averager)
+    def register_checkpointing(self, accelerator, owner) -> None:
+        """accelerate's checkpoints save the main process's state (its copy) and give it back to every rank on load."""
+        accelerator.register_for_checkpointing(owner)
 
 
 def choose_placement(requested: str, distributed_type: str, zero_stage: Optional[int] = None,

@@ -116,8 +116,9 @@ class ShardedPlacement:
         """The average gathered once, on the main process (None elsewhere); call inside `holding_average`."""
         return gather_full_state(averager, self.active_swap.model if self.active_swap else module, process_index)
 
-    def register_checkpointing(self, accelerator, averager: WeightAverager) -> None:
-        register_shard_checkpointing(accelerator, averager)
+    def register_checkpointing(self, accelerator, owner) -> None:
+        """One file per rank, holding that rank's `owner.state_dict()` (its shards)."""
+        register_shard_checkpointing(accelerator, owner.averager, owner=owner)
 
 
 def averaged_bytes(averager: WeightAverager) -> int:

@@ -23,18 +23,21 @@ def shard_file(folder: str | Path, process_index: int, num_processes: int) -> Pa
     return Path(folder) / SHARD_FILE.format(rank=process_index, world=num_processes)
 
 
-def save_shards(averager: WeightAverager, folder: str | Path, process_index: int, num_processes: int) -> Path:
-    """Writes this rank's averager state (its shards, `n_averaged`, ...) to its own file in `folder`."""
+def save_shards(averager: WeightAverager, folder: str | Path, process_index: int, num_processes: int,
+                owner=None) -> Path:
+    """Writes this rank's averager state (its shards, `n_averaged`, ...) to its own file in `folder`; with an
+    `owner` (the SWA object holding the averager), the owner's whole `state_dict`."""
     if averager.placement.active_swap is not None:
         raise RuntimeError("save_shards: the average is swapped into the model; save after swapped_in exits")
     shapes = {name: list(t.shape) for name, t in (averager.averaged or {}).items()}
     path = shard_file(folder, process_index, num_processes)
-    torch.save({"process_index": process_index, "num_processes": num_processes, "shapes": shapes,
-                "averager": averager.state_dict()}, path)
+    state = {"averager": averager.state_dict()} if owner is None else {"owner": owner.state_dict()}
+    torch.save({"process_index": process_index, "num_processes": num_processes, "shapes": shapes, **state}, path)
     return path
 
 
-def load_shards(averager: WeightAverager, folder: str | Path, process_index: int, num_processes: int) -> None:
+def load_shards(averager: WeightAverager, folder: str | Path, process_index: int, num_processes: int,
+                owner=None) -> None:
     """Restores this rank's averager state from `save_shards`, on the same number of ranks.
 
     Raises:
@@ -52,10 +55,13 @@ def load_shards(averager: WeightAverager, folder: str | Path, process_index: int
         differ = sorted(n for n in set(shapes) | set(saved["shapes"]) if shapes.get(n) != saved["shapes"].get(n))
         raise ValueError(f"resume: the saved average's shards differ from this model's on rank {process_index} "
                          f"(e.g. {differ[:3]})")
-    averager.load_state_dict(saved["averager"])
+    if owner is None:
+        averager.load_state_dict(saved["averager"])
+    else:
+        owner.load_state_dict(saved["owner"])
 
 
-def register_shard_checkpointing(accelerator, averager: WeightAverager) -> tuple:
+def register_shard_checkpointing(accelerator, averager: WeightAverager, owner=None) -> tuple:
     """Makes `accelerator.save_state` / `load_state` also save / restore each rank's shards.
 
     Use it instead of `accelerator.register_for_checkpointing(averager)`, which saves rank 0's state
@@ -67,17 +73,18 @@ def register_shard_checkpointing(accelerator, averager: WeightAverager) -> tuple
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def refuse_double_registration() -> None:
-        if any(obj is averager for obj in getattr(accelerator, "_custom_objects", [])):
+        if any(obj is averager or (owner is not None and obj is owner)
+               for obj in getattr(accelerator, "_custom_objects", [])):
             raise RuntimeError("the sharded averager is also registered with register_for_checkpointing, which "
                                "would load rank 0's shards on every rank; register it only here")
 
     def save_hook(models, weights, output_dir) -> None:
         refuse_double_registration()
-        save_shards(averager, output_dir, rank, world)
+        save_shards(averager, output_dir, rank, world, owner)
 
     def load_hook(models, input_dir) -> None:
         refuse_double_registration()
-        load_shards(averager, input_dir, rank, world)
+        load_shards(averager, input_dir, rank, world, owner)
 
     refuse_double_registration()
     return accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)

@@ -10,10 +10,11 @@ In your own loop (see recipes/own_loop.py), after `accelerator.prepare`:
             ...  # forward, backward, optimizer.step(), your scheduler's step()
             swa.step()  # averages when due, and runs the LR from the SWA start (torch's SWALR)
     with swa.average_in_model(full_bn_pass=True) as swa_model:  # on every rank; BN statistics recomputed
-        evaluate(swa_model)
+        evaluate(swa_model)  # (swa_model is None until the first averaging update: check swa.has_average)
 
-accelerate's `save_state`/`load_state` then hold the average too. The recipes' Trainer and the
-`transformers.Trainer` callback (`hf_trainer.py`) drive the same object.
+accelerate's `save_state`/`load_state` then hold the average too (`state_dict` holds all of it). The recipes'
+Trainer and the `transformers.Trainer` callback (`hf_trainer.py`) drive the same object. Built, it checks the
+loop it is handed (`loop_checks.py`) and prints its plan on the main process (`verbose=False` keeps it quiet).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from .batchnorm import bn_loader_from
 from .candidates import Candidate, Choice, choose
 from .arguments import SWAArguments
 from .errors import ConfigError
+from .loop_checks import (batches_per_epoch, launch_warning, refuse_lone_processes, refuse_unprepared,
+                          resume_order_warning)
+from .plan_report import plan_line, plan_warnings
 from .timeline import TrainingPlan, plan_run
 from .sharded import ShardedPlacement
 from .swa_lr import SWALRPhase
@@ -64,23 +68,28 @@ class SWA:
         seed: seeds the BN passes' random order.
         phase: see `Phase`.
         register: register with accelerate's checkpointing (off where the loop saves the state itself).
+        verbose: print the plan line and the plan's warnings on the main process (the recipes print their own).
 
     Raises:
-        ConfigError: the launch shards the weights in a way no placement averages (FSDP1, ZeRO-3), the budget
-            is missing, or `swa_lr` does not fit the optimizer's param groups.
+        ConfigError: the loader or optimizer is not what `accelerator.prepare` returned, the launcher started
+            more processes than the Accelerator sees, the launch shards the weights in a way no placement
+            averages (FSDP1, ZeRO-3), the budget is missing (or in epochs over a loader without a length), or
+            `swa_lr` does not fit the optimizer's param groups.
     """
 
     def __init__(self, accelerator, model: nn.Module, optimizer, train_loader, args: SWAArguments, *,
                  num_epochs: Optional[int] = None, max_steps: Optional[int] = None,
                  plan: Optional[TrainingPlan] = None, build_model: Optional[Callable[[], nn.Module]] = None,
                  bn_loader: Optional[BNLoader] = None, seed: int = 0, phase: Phase = _no_phase,
-                 register: bool = True) -> None:
+                 register: bool = True, verbose: bool = True) -> None:
         if not args.enabled:
             raise ConfigError("swa_method: 'none' averages nothing; build no SWA object for such a run")
+        refuse_lone_processes(accelerator)
+        refuse_unprepared(train_loader, optimizer)
         self.accelerator, self.model, self.args = accelerator, model, args
         self.train_loader, self.seed, self.phase = train_loader, seed, phase
-        self.plan = plan or plan_run(len(train_loader), args, num_epochs, max_steps,
-                                     accelerator.gradient_accumulation_steps)
+        self.plan = plan or plan_run(batches_per_epoch(train_loader, num_epochs, max_steps), args, num_epochs,
+                                     max_steps, accelerator.gradient_accumulation_steps)
         deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
         fsdp = getattr(accelerator.state, "fsdp_plugin", None)
         try:
@@ -97,14 +106,23 @@ class SWA:
         self.bn_loader = bn_loader or self._bn_loader_from_train_loader
         self.averager = WeightAverager(model, args.swa_method, self.placement, accelerator.process_index,
                                        args.ema_decay, args.ema_warmup, args.ema_buffers, args.ema_decay_values())
+        self.steps_done = 0  # real optimizer steps so far: the one count, which the LR phase reads
         self.lr_phase = None
         if args.swa_lr is not None:
             self.lr_phase = SWALRPhase(optimizer, args.swa_lr_values(), self.plan.swa_start_step,
-                                       self.plan.anneal_steps, args.swa_anneal_strategy)
-        self.steps_done = 0  # real optimizer steps so far
+                                       self.plan.anneal_steps, args.swa_anneal_strategy,
+                                       steps_done=lambda: self.steps_done)
         if register:
-            accelerator.register_for_checkpointing(self)
-            self.placement.register_checkpointing(accelerator, self.averager)
+            self.placement.register_checkpointing(accelerator, self)
+        if verbose:
+            self._say_plan()
+
+    def _say_plan(self) -> None:
+        lines = [launch_warning(self.accelerator), f"swa {plan_line(self.plan, self.args)}",
+                 *plan_warnings(self.plan, self.args), resume_order_warning(self.accelerator, self.train_loader)]
+        if self.accelerator.is_main_process:
+            for line in filter(None, lines):
+                print(line, flush=True)
 
     def _copy_of_model(self) -> nn.Module:
         return copy.deepcopy(self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False))
@@ -119,15 +137,25 @@ class SWA:
     def n_averaged(self) -> int:
         return self.averager.n_averaged
 
-    # ----- checkpointing (accelerate's custom objects; the average itself is registered by its placement) ----
+    @property
+    def has_average(self) -> bool:
+        """Whether an averaging update has happened: before it `average_in_model` yields None and `export` returns
+        None (there is nothing to evaluate but the training model)."""
+        return self.averager.n_averaged > 0
+
+    # ----- checkpointing ----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"steps_done": self.steps_done}
+        """Everything the average needs to go on: the optimizer-step count and this rank's averager state (the
+        average, its update count, the candidates' starts and side EMAs; with the sharded placement, this rank's
+        shards). The SWA phase's rate lives in the optimizer's param groups (`swa_lr.py`), so it travels with
+        the optimizer's own state. Registered with accelerate by the placement: the main process's copy through
+        `register_for_checkpointing`, shards through one file per rank."""
+        return {"steps_done": self.steps_done, "averager": self.averager.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = int(state["steps_done"])
-        if self.lr_phase is not None:
-            self.lr_phase.steps_done = self.steps_done
+        self.averager.load_state_dict(state["averager"])
 
     # ----- during training ------------------------------------------------------------------
 
@@ -146,7 +174,6 @@ class SWA:
         (1-based). `stepped` False (an fp16 overflow skipped the step): the average does not move."""
         self.steps_done = global_step
         if self.lr_phase is not None:
-            self.lr_phase.steps_done = global_step
             self.lr_phase.apply(global_step)  # the next step's rate, set now so that logs show it
         # A candidate starting at step c averages the updates after step c: its copy is taken before them.
         for name, start in self.plan.candidates:

@@ -11,7 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -31,6 +31,12 @@ def swa_phase_lr(step: int, start: int, anneal_steps: int, strategy: str, from_l
     """The rate of optimizer step `step` (0-based, `step >= start`), as `SWALR` gives it."""
     alpha = anneal_weight(step - start + 1, anneal_steps, strategy)
     return swa_lr * alpha + from_lr * (1 - alpha)
+
+
+def _value(rate):
+    """A param group's rate as its own value: a tensor rate (torch's schedulers allow one) is copied, because a
+    scheduler later writes into that same tensor in place."""
+    return rate.detach().clone() if isinstance(rate, torch.Tensor) else rate
 
 
 def per_group(swa_lrs: Sequence[float], num_groups: int) -> list[float]:
@@ -54,26 +60,32 @@ class SWALRPhase:
         strategy: "cos" or "linear".
     """
 
-    def __init__(self, optimizer, swa_lrs: Sequence[float], start: int, anneal_steps: int, strategy: str) -> None:
+    def __init__(self, optimizer, swa_lrs: Sequence[float], start: int, anneal_steps: int, strategy: str,
+                 steps_done: Callable[[], int]) -> None:
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # (accelerate's AcceleratedOptimizer)
         self.targets = per_group(swa_lrs, len(self.optimizer.param_groups))
         self.start, self.anneal_steps, self.strategy = start, anneal_steps, strategy
-        self.steps_done = 0  # optimizer steps taken; the owner keeps it (it is restored with the average)
+        # Optimizer steps taken so far, read from the owner (the SWA object keeps the one count and restores it).
+        self.steps_done = steps_done
         self.handle = self.optimizer.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-        self.apply(self.steps_done, before_step=True)
+        self.apply(self.steps_done(), before_step=True)
 
     def apply(self, step: int, before_step: bool = False) -> None:
         """Sets the rate of optimizer step `step` once the SWA phase has begun; before it, notes the rate used."""
         for group, target in zip(self.optimizer.param_groups, self.targets):
             if step < self.start:
                 if before_step:
-                    group[LAST_USED] = group["lr"]
+                    group[LAST_USED] = _value(group["lr"])
                 continue
             if ANNEAL_FROM not in group:
-                group[ANNEAL_FROM] = group.get(LAST_USED, group["lr"])
-            group["lr"] = swa_phase_lr(step, self.start, self.anneal_steps, self.strategy, group[ANNEAL_FROM], target)
+                group[ANNEAL_FROM] = group.get(LAST_USED, _value(group["lr"]))
+            rate = swa_phase_lr(step, self.start, self.anneal_steps, self.strategy, group[ANNEAL_FROM], target)
+            if isinstance(group["lr"], torch.Tensor):  # (as torch's schedulers do: the tensor is written in place)
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
 
     def remove(self) -> None:
         self.handle.remove()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import swa_accel.runner.launch as launch_module
-from swa_accel.runner.launcher_request import process_count_warning, requested_processes
+from swa_accel.launcher_request import process_count_warning, requested_processes
 from recipes.vision.data import VisionDataArguments
 from recipes.vision.model_setup import VisionModelArguments
 from swa_accel.runner.choose_start import main as choose_start_main

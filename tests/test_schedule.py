@@ -89,13 +89,14 @@ def test_scheduler_and_swa_phase_give_the_planned_curve_and_the_state_holds_no_c
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=training.learning_rate)
     scheduler = make_scheduler(optimizer, plan, training)
-    phase = SWALRPhase(optimizer, swa.swa_lr_values(), plan.swa_start_step, plan.anneal_steps, "cos")
+    clock = StepCount()
+    SWALRPhase(optimizer, swa.swa_lr_values(), plan.swa_start_step, plan.anneal_steps, "cos", clock)
     seen = []
     for step in range(plan.total_steps):
         optimizer.step()  # (the phase's pre-hook sets the rate of an SWA-phase step right before it)
         seen.append(optimizer.param_groups[0]["lr"])
         scheduler.step()
-        phase.steps_done = step + 1
+        clock.done = step + 1
     assert seen == pytest.approx(lr_curve(plan, training, swa))
     assert seen[:plan.swa_start_step] == pytest.approx(
         [pre_swa_factor(s, training, plan.total_steps) * 0.1 for s in range(plan.swa_start_step)])
@@ -120,72 +121,96 @@ def test_averaging_timeline():
     assert [s for s in (10, 20, 30, 40) if plan.update_at_epoch_end(s)] == [30, 40]
 
 
-def swalr_twins(rates, swa_lr, anneal_epochs, pre_swa_gamma=0.9):
+class StepCount:
+    """The optimizer-step count a phase reads (the SWA object's `steps_done` in a run)."""
+
+    def __init__(self, done: int = 0) -> None:
+        self.done = done
+
+    def __call__(self) -> int:
+        return self.done
+
+
+def swalr_twins(rates, swa_lr, anneal_epochs, pre_swa_gamma=0.9, tensor_rates=False, clock=None):
     """Two identical optimizers with one group per rate: ours under `SWALRPhase`, theirs under torch's `SWALR`,
-    both after an ExponentialLR (so the last rate used differs from the schedule's next value)."""
+    both after an ExponentialLR (so the last rate used differs from the schedule's next value). `tensor_rates`:
+    each group's rate is a tensor, which torch's schedulers write in place."""
     from torch.optim.swa_utils import SWALR
 
     def optimizer():
-        return torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in rates])
+        return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))],
+                                 "lr": torch.tensor(lr) if tensor_rates else lr} for lr in rates], lr=0.1,
+                               foreach=False)
 
     ours, theirs = optimizer(), optimizer()
+    clock = clock if clock is not None else StepCount()
     return (ours, torch.optim.lr_scheduler.ExponentialLR(ours, pre_swa_gamma),
             theirs, torch.optim.lr_scheduler.ExponentialLR(theirs, pre_swa_gamma),
             lambda start: SWALRPhase(ours, swa_lr if isinstance(swa_lr, list) else [swa_lr], start, anneal_epochs,
-                                     "cos"),
+                                     "cos", clock),
             SWALR(theirs, swa_lr=swa_lr, anneal_epochs=anneal_epochs))
 
 
-@pytest.mark.parametrize("swa_lr", [5e-4, [5e-4, 3e-3]])
-def test_the_swa_phase_matches_swalr_step_for_step(swa_lr):
+def rates_of(optimizer) -> list[float]:
+    return [float(group["lr"]) for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("swa_lr,tensor_rates", [(5e-4, False), ([5e-4, 3e-3], False), ([5e-4, 3e-3], True)])
+def test_the_swa_phase_matches_swalr_step_for_step(swa_lr, tensor_rates):
     """As in torch's SWALR usage, the pre-SWA scheduler steps until the SWA start and SWALR after it. Ours runs
     the same curve from the optimizer the user built: one `swa_lr` for every group, or one per group, annealed from
-    the last rate each group used; the user's scheduler may go on stepping, it moves nothing in the SWA phase."""
+    the last rate each group used; the user's scheduler may go on stepping, it moves nothing in the SWA phase.
+    Tensor rates (which torch's schedulers change in place) give the same curve: the anneal's start is a copy."""
     start, total = 6, 14
-    ours, our_scheduler, theirs, their_scheduler, make_phase, swalr = swalr_twins((1e-3, 2e-3), swa_lr, 3)
-    phase = make_phase(start)
+    clock = StepCount()
+    ours, our_scheduler, theirs, their_scheduler, make_phase, swalr = swalr_twins(
+        (1e-3, 2e-3), swa_lr, 3, tensor_rates=tensor_rates, clock=clock)
+    make_phase(start)
     for step in range(total):
         ours.step(), theirs.step()  # (the phase sets our rate right before a step of the SWA phase)
-        used = [g["lr"] for g in ours.param_groups]
-        assert used == pytest.approx([g["lr"] for g in theirs.param_groups], rel=1e-12), step
+        used = rates_of(ours)
+        assert used == pytest.approx(rates_of(theirs), rel=1e-6 if tensor_rates else 1e-12), step
+        assert isinstance(ours.param_groups[0]["lr"], torch.Tensor) == tensor_rates
         our_scheduler.step()  # the user's scheduler keeps stepping: the phase overrides it
-        phase.steps_done = step + 1
+        clock.done = step + 1
         if step + 1 < start:
             their_scheduler.step()
         else:
             swalr.step()
     expected = swa_lr if isinstance(swa_lr, list) else [swa_lr, swa_lr]
-    assert used == pytest.approx(expected, rel=1e-12)
+    assert used == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_anneal_start_travels_with_the_optimizer_state():
     """A run resumed inside the anneal goes on from the saved start (the last pre-SWA rate), not from whatever
     rate the restored groups or a scheduler hold."""
-    def run(optimizer, scheduler, phase, steps):
+    def run(optimizer, scheduler, clock, steps):
         used = []
         for _ in range(steps):
             optimizer.step()
             used.append(optimizer.param_groups[0]["lr"])
             scheduler.step()
-            phase.steps_done += 1
+            clock.done += 1
         return used
 
+    clocks = StepCount(), StepCount(), StepCount(7)
     ours, scheduler, *_ = swalr_twins((1e-3,), 5e-4, 4)
-    reference = run(ours, scheduler, SWALRPhase(ours, [5e-4], 5, 4, "cos"), 9)
+    SWALRPhase(ours, [5e-4], 5, 4, "cos", clocks[0])
+    reference = run(ours, scheduler, clocks[0], 9)
     first, first_scheduler, *_ = swalr_twins((1e-3,), 5e-4, 4)
-    run(first, first_scheduler, SWALRPhase(first, [5e-4], 5, 4, "cos"), 7)
+    SWALRPhase(first, [5e-4], 5, 4, "cos", clocks[1])
+    run(first, first_scheduler, clocks[1], 7)
     resumed, fresh_scheduler, *_ = swalr_twins((1e-3,), 5e-4, 4)  # (its scheduler starts over at 1e-3)
     resumed.load_state_dict(first.state_dict())
-    phase = SWALRPhase(resumed, [5e-4], 5, 4, "cos")
-    phase.steps_done = 7
-    assert run(resumed, fresh_scheduler, phase, 2) == pytest.approx(reference[7:], rel=1e-12)
+    SWALRPhase(resumed, [5e-4], 5, 4, "cos", clocks[2])
+    assert run(resumed, fresh_scheduler, clocks[2], 2) == pytest.approx(reference[7:], rel=1e-12)
     assert reference[4] > reference[5] > reference[7] > 5e-4
 
 
 def test_swa_lr_lists_are_checked_against_the_param_groups():
     optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(2)], lr=0.1)
     with pytest.raises(ConfigError, match="^swa_lr: 3 values for an optimizer with 2 param groups"):
-        SWALRPhase(optimizer, [0.1, 0.2, 0.3], 0, 1, "cos")
+        SWALRPhase(optimizer, [0.1, 0.2, 0.3], 0, 1, "cos", StepCount())
     assert SWAArguments(swa_lr="0.05, 0.01").swa_lr_values() == (0.05, 0.01)
     assert SWAArguments(swa_lr=[0.05, 0.01]).swa_lr == [0.05, 0.01]
     assert SWAArguments(swa_lr=0.05).swa_lr == 0.05

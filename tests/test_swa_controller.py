@@ -93,11 +93,12 @@ def test_resume_through_accelerate_checkpoints_restores_the_average_and_the_lr_p
 
 
 def test_misuse_is_refused_in_one_line():
+    accelerator = Accelerator(cpu=True)
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     with pytest.raises(ConfigError, match="^num_epochs: give the training budget"):
-        accelerator = Accelerator(cpu=True)
-        model = nn.Linear(2, 2)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
         SWA(accelerator, model, optimizer, loader, SWAArguments())
     with pytest.raises(ConfigError, match="^swa_lr: 2 values for an optimizer with 1 param groups"):
         SWA(accelerator, model, optimizer, loader, SWAArguments(swa_lr="0.1,0.2"), num_epochs=2)

@@ -24,7 +24,7 @@ from accelerate.utils import (
 )
 
 from .config import ConfigError, RunArguments
-from .launcher_request import process_count_warning
+from ..launcher_request import process_count_warning
 
 
 def has_accelerator_device() -> bool:

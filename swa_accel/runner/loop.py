@@ -82,7 +82,7 @@ class RecipeTrainer:
         if swa.enabled:
             self.averaging = SWA(accelerator, self.model, self.optimizer, self.train_loader, swa, plan=self.plan,
                                  build_model=task.build_model, bn_loader=self.bn_loader, seed=training.seed,
-                                 phase=self.clock.timed)
+                                 phase=self.clock.timed, verbose=False)
             check_selection(len(self.plan.candidates) + len(swa.ema_decay_values()), task.validation_split,
                             swa.selection_metric, task.metric_names)
         self.health = Health(accelerator, self.checkpoint_root, training.divergence_bound)

@@ -1,0 +1,153 @@
+"""The `SWA` object in a user's own loop, as users get it wrong: built before `prepare`, asked for the average
+before the first update, a loader without a length, a plain `Accelerator()` under a 2-process launch, a launch
+that started fewer processes than asked for, a shuffle a resume cannot replay. Each gives one line naming the
+fix, or a defined, documented behaviour; and the plan line users see."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from swa_accel import SWA, ConfigError, SWAArguments
+from tests.helpers.launch import CONFIGS, ROOT, launch
+
+OWN_LOOP = ROOT / "recipes" / "own_loop.py"
+
+
+def fresh_accelerator(**kwargs) -> Accelerator:
+    AcceleratorState._reset_state(True)  # a fresh accelerator per test, as in a new process
+    GradientState._reset_state()
+    set_seed(0)
+    return Accelerator(cpu=True, **kwargs)
+
+
+def parts(shuffle=False, dataset=None):
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dataset = dataset if dataset is not None else TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    return model, optimizer, DataLoader(dataset, batch_size=8, shuffle=shuffle)
+
+
+def train_steps(accelerator, model, optimizer, loader, swa, epochs=1):
+    for _ in range(epochs):
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(F.cross_entropy(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+            swa.step()
+
+
+def test_swa_built_before_prepare_is_refused_naming_the_fix():
+    accelerator = fresh_accelerator()
+    model, optimizer, loader = parts()
+    with pytest.raises(ConfigError, match=r"^train_loader: a DataLoader that accelerator.prepare has not returned, .*"
+                                          r"build SWA after `model, optimizer, train_loader = accelerator.prepare"):
+        SWA(accelerator, model, optimizer, loader, SWAArguments(), num_epochs=2)
+    prepared_model, prepared_loader = accelerator.prepare(model, loader)
+    with pytest.raises(ConfigError, match=r"^optimizer: a SGD that accelerator.prepare has not returned"):
+        SWA(accelerator, prepared_model, optimizer, prepared_loader, SWAArguments(), num_epochs=2)
+
+
+def test_before_the_first_update_there_is_no_average_and_it_says_so():
+    accelerator = fresh_accelerator()
+    model, optimizer, loader = accelerator.prepare(*parts())
+    swa = SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_epoch=1), num_epochs=3, verbose=False)
+    train_steps(accelerator, model, optimizer, loader, swa)  # epoch 0: before the SWA start
+    assert not swa.has_average and swa.export() is None
+    with swa.average_in_model() as averaged:
+        assert averaged is None  # documented: evaluate the training model until then
+    train_steps(accelerator, model, optimizer, loader, swa, epochs=2)
+    assert swa.has_average and swa.n_averaged == 2
+    with swa.average_in_model() as averaged:
+        assert isinstance(averaged, nn.Module)
+
+
+class Stream(IterableDataset):
+    """A dataset without a length, as streaming datasets are."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(64):
+            yield torch.randn(4, generator=generator), torch.randint(0, 2, (), generator=generator)
+
+
+def test_a_loader_without_a_length_needs_a_step_budget():
+    accelerator = fresh_accelerator()
+    model, optimizer, loader = accelerator.prepare(*parts(dataset=Stream()))
+    with pytest.raises(ConfigError, match=r"^num_epochs: the train loader \(\w+\) has no length, so an epoch cannot "
+                                          r"be counted; give the budget as max_steps=N"):
+        SWA(accelerator, model, optimizer, loader, SWAArguments(), num_epochs=2)
+    swa = SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_step=4, swa_update_every_steps=1),
+              max_steps=8, verbose=False)
+    train_steps(accelerator, model, optimizer, loader, swa)
+    assert swa.steps_done == 8 and swa.n_averaged == 4  # after steps 5, 6, 7 and 8
+
+
+def test_the_plan_and_its_warnings_are_printed_once_and_can_be_silenced(capsys):
+    accelerator = fresh_accelerator()
+    model, optimizer, loader = accelerator.prepare(*parts())
+    SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_epoch=3, swa_lr=0.05), num_epochs=4)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "swa plan: 32 optimizer steps (4 epochs of 8); swa averaging from step 24 (epoch 3), at each epoch end: "
+        "1 updates at swa_lr 0.05",
+        "warning: the plan gives 1 averaging update(s): the average is the weights of a single step, not an "
+        "average; start averaging earlier or set swa_update_every_steps"]
+    SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_epoch=3), num_epochs=4, verbose=False)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("shuffle,seedable,warned", [(True, False, True), (True, True, False), (False, False, False)])
+def test_a_shuffle_that_a_resume_cannot_replay_is_named(capsys, shuffle, seedable, warned):
+    config = DataLoaderConfiguration(use_seedable_sampler=seedable)
+    accelerator = fresh_accelerator(dataloader_config=config)
+    model, optimizer, loader = accelerator.prepare(*parts(shuffle=shuffle))
+    SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_epoch=1), num_epochs=4)
+    out = capsys.readouterr().out
+    assert ("warning: the train loader shuffles from a generator that accelerator.save_state does not save" in out) \
+        == warned
+    if warned:
+        assert "use_seedable_sampler=True" in out and "set_epoch(epoch)" in out
+
+
+def test_a_plain_accelerator_under_a_two_process_launch_is_refused():
+    """On a machine without GPUs `Accelerator()` makes each launched process a run of its own."""
+    result = launch(ROOT / "tests" / "workers" / "plain_accelerator_loop.py", [], num_processes=2, check=False,
+                    env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0
+    assert re.search(r"^error: launch: the launcher started 2 processes but this Accelerator sees 1; each would "
+                     r"train and average alone on all the data \(on a machine without GPUs build "
+                     r"Accelerator\(cpu=True\)", result.stdout, re.M), result.stdout + result.stderr
+
+
+def test_a_launch_that_started_fewer_processes_than_asked_is_named():
+    """`accelerate launch --num_processes 2` with a one-process CPU config starts one process, silently."""
+    result = launch(ROOT / "tests" / "workers" / "plain_accelerator_loop.py", ["cpu"],
+                    launcher_args=("--num_processes", "2"), config_file=CONFIGS[1], env={"PYTHONPATH": str(ROOT)})
+    assert result.stdout.splitlines()[0].startswith(
+        "warning: the launch asked for 2 processes (--num_processes 2) but this run has 1; on a machine without GPUs")
+    assert result.stdout.splitlines()[-1] == "built with 1 process(es)"
+
+
+def test_a_two_process_shuffled_loop_resumes_bit_identically(tmp_path):
+    """own_loop.py: seedable shuffle and set_epoch, save_state each epoch; stopped after epoch 2 of 3 and
+    resumed, its average and BN statistics equal the uninterrupted run's bit for bit."""
+    common = ["--epochs", "3", "--swa_start_epoch", "1", "--batch_size", "16"]
+    env = {"PYTHONPATH": str(ROOT)}
+    launch(OWN_LOOP, ["--output_dir", str(tmp_path / "whole"), *common], num_processes=2, env=env)
+    launch(OWN_LOOP, ["--output_dir", str(tmp_path / "split"), *common, "--stop_after_epoch", "2"],
+           num_processes=2, env=env)
+    assert not (tmp_path / "split" / "swa.safetensors").exists()  # it stopped before the end
+    resumed = launch(OWN_LOOP, ["--output_dir", str(tmp_path / "split"), *common, "--resume"], num_processes=2,
+                     env=env)
+    assert "2 snapshots averaged" in resumed.stdout
+    whole, split = (load_file(tmp_path / name / "swa.safetensors") for name in ("whole", "split"))
+    assert set(whole) == set(split) and all(torch.equal(whole[k], split[k]) for k in whole)

@@ -27,7 +27,7 @@ def known_options() -> set[str]:
     options |= {string[2:] for action in launch_command_parser()._actions for string in action.option_strings
                 if string.startswith("--")}
     for script in [ROOT / "run.sh", *ROOT.glob("recipes/*.py"), *ROOT.glob("benchmarks/*.py"),
-                   *ROOT.glob("swa_accel/*.py")]:
+                   *ROOT.glob("swa_accel/**/*.py")]:
         options |= set(re.findall(r"""["'\s]--([a-z][a-z0-9_]*)""", script.read_text()))
     return options | {"help", "key"}  # `--key value`: the README's placeholder
 

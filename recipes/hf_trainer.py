@@ -1,12 +1,14 @@
 """SWA in `transformers.Trainer`: its own TrainingArguments and loop, plus `add_swa(trainer, SWAArguments(...))`.
 
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/hf_trainer.py --output_dir outputs/hf_image
+    accelerate launch ... recipes/hf_trainer.py --gradient_accumulation_steps 2   # 19 optimizer steps per epoch
     accelerate launch ... recipes/hf_trainer.py --task text --model_name_or_path google-bert/bert-base-uncased \\
         --dataset_name nyu-mll/glue --output_dir outputs/hf_sst2
 
 image (the offline default): a small transformers ResNet (BatchNorm) on scikit-learn's digits; text: a sequence
 classifier on a GLUE task's `sentence` column (a hub dataset or a local folder laid out like it). The export in
 `<output_dir>/final` is the average, BN recomputed, loadable with `from_pretrained` (text: also `pipeline`).
+Epochs and steps are the Trainer's (docs/hf_trainer.md): `--swa_start_epoch 3` starts averaging after 3 of them.
 """
 
 import argparse
@@ -31,7 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", default="nyu-mll/glue", help="text: a hub id or a local GLUE-like folder")
     parser.add_argument("--dataset_config_name", default="sst2")
     parser.add_argument("--epochs", type=float, default=6)
+    parser.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     parser.add_argument("--batch_size", type=int, default=32, help="per process")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=0.05)
     parser.add_argument("--swa_start_epoch", type=int, default=3)
     parser.add_argument("--swa_lr", default="0.02")
@@ -119,7 +123,8 @@ def main(argv=None) -> None:
     model, train_set, eval_set, text = image_task() if args.task == "image" else text_task(args)
     output = Path(args.output_dir)
     training = TrainingArguments(
-        output_dir=str(output), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        output_dir=str(output), num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         per_device_eval_batch_size=128, learning_rate=args.learning_rate, lr_scheduler_type="constant",
         optim="sgd", eval_strategy="epoch", save_strategy="steps" if args.save_steps else "epoch",
         save_steps=args.save_steps or 500, logging_steps=10, report_to="none", seed=0,

@@ -1,22 +1,39 @@
-"""SWA for `transformers.Trainer` and its subclasses (TRL's trainers among them): one call installs it.
+"""SWA for `transformers.Trainer` and its subclasses (TRL's trainers among them), in the Trainer's own terms.
 
     trainer = transformers.Trainer(model=model, args=TrainingArguments(...), train_dataset=..., eval_dataset=...)
-    add_swa(trainer, SWAArguments(swa_start_fraction=0.75, swa_lr=1e-5))
+    add_swa(trainer, SWAArguments(swa_start_epoch=3, swa_lr=0.02))
     trainer.train()            # or trainer.train(resume_from_checkpoint=True)
     trainer.save_model(out)    # the average, its BN statistics recomputed over the whole training set
 
-`TrainingArguments` and the Trainer keep their own meaning; the SWA settings are swa_accel's `SWAArguments`.
+or, as a class: `with_swa(Trainer)(model=..., args=..., swa_args=SWAArguments(...))`.
+
+Steps and epochs are the Trainer's: an optimizer step is one `state.global_step` (all of a step's
+`gradient_accumulation_steps` micro-batches, on every process), an epoch is the Trainer's
+`num_update_steps_per_epoch` steps (the last one may take the remainder of the micro-batches), and the budget is
+its `state.max_steps` (from `max_steps`, or from `num_train_epochs`, fractional ones included). So
+`swa_start_epoch=k` starts averaging after `k` Trainer epochs, the anneal's default length is one Trainer epoch,
+`swa_update_every_steps=N` averages every N global steps, and the epoch cadence averages at the end of every
+full Trainer epoch after the SWA start (an epoch that a `max_steps` or fractional epoch budget cuts short has no
+end, as the printed plan says).
+
 What `add_swa` changes:
 
-- after every optimizer step the same `SWA` controller as the recipes' averages when due (per step with
-  `swa_update_every_steps`, else at epoch ends) and, with `swa_lr`, runs the rate from the SWA start as torch's
-  SWALR does, whatever scheduler the Trainer built (the logged learning_rate is that rate);
-- `trainer.evaluate()` evaluates the average once averaging has begun (BN recomputed, swapped into the model and
-  swapped out again), the base model before;
-- each checkpoint-N folder gets `swa_state.pt` (the average, its update count and step), written atomically, and
+- after every optimizer step the `SWA` controller averages when due and, with `swa_lr`, runs the rate from the
+  SWA start as torch's SWALR does, whatever scheduler the Trainer built; the logged `learning_rate` is the rate
+  the step used;
+- an epoch's last step does its epoch-end update in `on_step_end`, so a checkpoint or an evaluation on that
+  step (both come after `on_step_end`, before `on_epoch_end`) includes it;
+- `evaluate()` scores the average once averaging has begun (BN recomputed, swapped into the model and out
+  again), the base model before;
+- each checkpoint-N gets `swa_state.pt` (the average, its update count and step), written atomically, and
   `train(resume_from_checkpoint=...)` restores it;
 - when training ends the average, BN recomputed over the whole training set, becomes the model's weights (as
   Lightning's weight averaging does), so `save_model`, `evaluate`, `from_pretrained` and `pipeline` all see it.
+
+`load_best_model_at_end=True` is refused: the final weights are the average, not a checkpoint's, and the
+Trainer's best checkpoint would be picked by comparing scores of the base model (before the SWA start) with
+scores of the average (after it). With `metric_for_best_model` alone, the run says from which step on its
+evaluations score the average, and that the final weights are the average.
 """
 
 from __future__ import annotations
@@ -33,8 +50,40 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .arguments import SWAArguments
 from .errors import ConfigError
 from .swa import SWA
+from .timeline import TrainingPlan, plan_run
 
 STATE_FILE = "swa_state.pt"
+
+
+def trainer_plan(trainer, args: SWAArguments, train_dataloader) -> TrainingPlan:
+    """The SWA timeline in the Trainer's optimizer steps, from the Trainer's own count of steps and epochs.
+
+    `Trainer.set_initial_training_values` is what `train()` itself calls to get the steps per epoch (the
+    micro-batches per process over `gradient_accumulation_steps`, rounded up) and `max_steps`, so the plan and
+    the training loop cannot disagree, whatever the accumulation, world size or budget.
+
+    Raises:
+        ConfigError: the SWA start falls at or after the end of training (the message gives the Trainer's
+            numbers: steps, epochs and steps per epoch).
+    """
+    values = trainer.set_initial_training_values(trainer.args, train_dataloader)
+    steps_per_epoch, max_steps = values[1], values[-1]
+    return plan_run(steps_per_epoch, args, max_steps=max_steps)  # (already optimizer steps: no accumulation)
+
+
+def first_update_step(plan: TrainingPlan) -> int:
+    """The optimizer step of the first averaging update: from it on, evaluations score the average."""
+    if plan.update_every_steps is not None:
+        return plan.swa_start_step + plan.update_every_steps
+    return (plan.swa_start_step // plan.steps_per_epoch + 1) * plan.steps_per_epoch
+
+
+def refuse_best_model_at_end(training_args) -> None:
+    """`load_best_model_at_end` would swap the average for a checkpoint picked by comparing unlike scores."""
+    if getattr(training_args, "load_best_model_at_end", False):
+        raise ConfigError("load_best_model_at_end: with add_swa the final weights are the average, and the best "
+                          "checkpoint would be picked by comparing the base model's scores with the average's; "
+                          "set load_best_model_at_end=False (evaluations score the average once it has begun)")
 
 
 class SWACallback(TrainerCallback):
@@ -43,51 +92,70 @@ class SWACallback(TrainerCallback):
     def __init__(self, trainer, args: SWAArguments) -> None:
         self.trainer, self.args = trainer, args
         self.swa: Optional[SWA] = None
-        self.resume_from: Optional[str] = None  # the checkpoint folder `train` resumes from (set by add_swa)
+        self.resume_from: Optional[str] = None  # the checkpoint folder `train` resumes from (set by the mixin)
         self.installed = False  # the average has become the model's weights
-        self._last_epoch_update = -1  # the step of the last epoch-end update (none yet)
+        self.rate_of_last_step = None  # the first param group's rate in the last optimizer step (float or tensor)
 
     # ----- training ------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         trainer = self.trainer
-        self.installed, self._last_epoch_update = False, -1
+        refuse_best_model_at_end(args)
+        self.installed, self.rate_of_last_step = False, None
+        if self.swa is not None and self.swa.lr_phase is not None:
+            self.swa.lr_phase.remove()  # (a second train() on the same optimizer: one rate phase at a time)
+        plan = trainer_plan(trainer, self.args, train_dataloader)
         self.swa = SWA(trainer.accelerator, trainer.model_wrapped, optimizer, train_dataloader, self.args,
-                       max_steps=state.max_steps, seed=args.seed, register=False)
+                       plan=plan, seed=args.seed, register=False)
         if self.swa.placement.name != "main":
             raise ConfigError("swa_placement: with transformers.Trainer the average lives on the main process; "
                               "sharded (FSDP2) averages run in the recipes' Trainer")
+        if args.metric_for_best_model and trainer.accelerator.is_main_process:
+            print(f"swa: evaluations from optimizer step {first_update_step(plan)} on score the average, earlier ones "
+                  f"the base model; best_metric ({args.metric_for_best_model}) compares both kinds; the final "
+                  "weights are the average", flush=True)
         if self.resume_from is not None:
             self.load(Path(self.resume_from))
 
-    def on_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
-        # The Trainer logs its scheduler's last rate; in the SWA phase the rate is the controller's.
-        swa = self.swa
-        if swa.lr_phase is not None and swa.plan.averaging_active(state.global_step + 1) and lr_scheduler:
-            lr_scheduler._last_lr = [group["lr"] for group in swa.lr_phase.optimizer.param_groups]
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Read before the Trainer steps its scheduler: the rate this step used (in the SWA phase, SWALR's).
+        # (A tensor rate is copied, not read: reading it would wait for the device at every step.)
+        if self.swa.lr_phase is not None:
+            rate = self.swa.lr_phase.optimizer.param_groups[0]["lr"]
+            self.rate_of_last_step = rate.detach().clone() if isinstance(rate, torch.Tensor) else rate
 
     def on_step_end(self, args, state, control, **kwargs):
+        # The epoch-end update runs here, on the epoch's last step, and not in on_epoch_end: the Trainer saves and
+        # evaluates that step before on_epoch_end. An epoch the budget cuts short has no end (as in the plan).
         stepped = not self.trainer.accelerator.optimizer_step_was_skipped
-        self.swa.after_step(state.global_step, epoch_end=False, stepped=stepped)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        swa = self.swa
-        if swa.plan.update_at_epoch_end(state.global_step) and state.global_step > self._last_epoch_update:
-            swa.after_step(state.global_step, epoch_end=True, stepped=True)
-            self._last_epoch_update = state.global_step
+        epoch_end = state.global_step % self.swa.plan.steps_per_epoch == 0
+        self.swa.after_step(state.global_step, epoch_end=epoch_end, stepped=stepped)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.install_average()
+        if self.swa.lr_phase is not None:
+            self.swa.lr_phase.remove()
+
+    def correct_logged_rate(self, logs: dict, global_step: int) -> None:
+        """In the SWA phase the Trainer logs its scheduler's rate; the step used SWALR's, which goes in instead."""
+        swa = self.swa
+        if ("learning_rate" in logs and swa is not None and swa.lr_phase is not None
+                and self.rate_of_last_step is not None and swa.plan.averaging_active(global_step)):
+            rate = self.rate_of_last_step
+            logs["learning_rate"] = rate.item() if isinstance(rate, torch.Tensor) else rate
 
     # ----- checkpoints ---------------------------------------------------------------------
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(self.trainer._get_output_dir(trial=None)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if self.trainer.accelerator.is_main_process and folder.is_dir():
-            temporary = folder / (STATE_FILE + ".tmp")
-            torch.save({"swa": self.swa.state_dict(), "averager": self.swa.averager.state_dict(),
-                        "last_epoch_update": self._last_epoch_update}, temporary)
-            os.replace(temporary, folder / STATE_FILE)
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not self.trainer.accelerator.is_main_process:
+            return
+        if not folder.is_dir():
+            raise ConfigError(f"output_dir: the Trainer saved no '{folder}' for add_swa's {STATE_FILE} to go in "
+                              "(hyperparameter search trials save elsewhere and are not supported)")
+        temporary = folder / (STATE_FILE + ".tmp")
+        torch.save({"swa": self.swa.state_dict()}, temporary)
+        os.replace(temporary, folder / STATE_FILE)
 
     def load(self, folder: Path) -> None:
         path = folder / STATE_FILE
@@ -96,52 +164,108 @@ class SWACallback(TrainerCallback):
                               "add_swa, so its average is lost: start afresh or resume from a checkpoint of this run")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         self.swa.load_state_dict(saved["swa"])
-        self.swa.averager.load_state_dict(saved["averager"])
-        self._last_epoch_update = int(saved["last_epoch_update"])
 
     # ----- the averaged model --------------------------------------------------------------
 
+    @property
+    def averaging(self) -> bool:
+        """Whether an average exists and the model still holds the training weights (the average not installed)."""
+        return self.swa is not None and self.swa.averager.n_averaged > 0 and not self.installed
+
     def install_average(self) -> None:
         """The average (BN recomputed over the whole training set) becomes the model's weights, for good."""
-        swa = self.swa
-        if swa is None or swa.n_averaged == 0 or self.installed:
+        if not self.averaging:
             return
         model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
-        with swa.average_in_model(full_bn_pass=True) as module:
+        with self.swa.average_in_model(full_bn_pass=True) as module:
             state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
         model.load_state_dict(state)
         self.installed = True
 
-    def evaluating(self, evaluate, *args, **kwargs):
-        """`trainer.evaluate`, run on the average (swapped into the model) once averaging has begun."""
-        swa = self.swa
-        if swa is None or swa.n_averaged == 0 or self.installed:
-            return evaluate(*args, **kwargs)
-        with swa.average_in_model(in_training_model=True):
-            return evaluate(*args, **kwargs)
+
+class SWATrainerMixin:
+    """Mixed in before a `Trainer` class (`with_swa` does it): the three Trainer methods SWA needs to extend.
+
+    A callback sees neither the checkpoint `train()` resumes from, nor the start of an evaluation, nor the logs
+    before `state.log_history` keeps them; `train`, `evaluate` and `log` are the Trainer's documented methods to
+    override for that. Everything else runs in `SWACallback`.
+    """
+
+    swa_callback: Optional[SWACallback] = None
+
+    def __init__(self, *args, swa_args: Optional[SWAArguments] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if swa_args is not None:
+            self.swa_callback = install_callback(self, swa_args)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        callback = self.swa_callback
+        if callback is not None:
+            refuse_best_model_at_end(self.args)
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ConfigError(f"resume_from_checkpoint: no checkpoint in '{self.args.output_dir}'")
+            callback.resume_from = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        callback = self.swa_callback
+        if callback is None or not callback.averaging or getattr(self, "_swa_in_evaluation", False):
+            return super().evaluate(*args, **kwargs)  # (a dict of eval datasets comes back here once per dataset)
+        self._swa_in_evaluation = True
+        try:
+            with callback.swa.average_in_model(in_training_model=True):
+                return super().evaluate(*args, **kwargs)
+        finally:
+            self._swa_in_evaluation = False
+
+    def log(self, logs, *args, **kwargs):
+        if self.swa_callback is not None:
+            self.swa_callback.correct_logged_rate(logs, self.state.global_step)
+        return super().log(logs, *args, **kwargs)
 
 
-def add_swa(trainer, args: SWAArguments) -> SWACallback:
-    """Installs SWA in a `transformers.Trainer` (or a subclass) before `train()`; returns its callback."""
+@functools.cache
+def with_swa(trainer_class: type) -> type:
+    """`trainer_class` with `SWATrainerMixin`: its constructor also takes `swa_args=SWAArguments(...)`."""
+    if issubclass(trainer_class, SWATrainerMixin):
+        return trainer_class
+    return type(f"SWA{trainer_class.__name__}", (SWATrainerMixin, trainer_class),
+                {"__module__": trainer_class.__module__, "__doc__": trainer_class.__doc__})
+
+
+def refuse_unsupported(args: SWAArguments) -> None:
     if not args.enabled:
         raise ConfigError("swa_method: 'none' averages nothing; leave add_swa out instead")
     if args.swa_start_candidates or args.ema_decays:
         name = "swa_start_candidates" if args.swa_start_candidates else "ema_decays"
         raise ConfigError(f"{name}: add_swa keeps one average; candidates and the choice among them run in the "
                           "recipes' loop (swa_accel.runner.train)")
+
+
+def install_callback(trainer, args: SWAArguments) -> SWACallback:
+    refuse_unsupported(args)
+    refuse_best_model_at_end(trainer.args)
     callback = SWACallback(trainer, args)
     trainer.add_callback(callback)
-    train, evaluate = trainer.train, trainer.evaluate
+    return callback
 
-    @functools.wraps(train)
-    def train_with_swa(resume_from_checkpoint=None, *rest, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(trainer.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ConfigError(f"resume_from_checkpoint: no checkpoint in '{trainer.args.output_dir}'")
-        callback.resume_from = resume_from_checkpoint or None
-        return train(resume_from_checkpoint, *rest, **kwargs)
 
-    trainer.train = train_with_swa
-    trainer.evaluate = functools.wraps(evaluate)(functools.partial(callback.evaluating, evaluate))
+def add_swa(trainer, args: SWAArguments) -> SWACallback:
+    """Installs SWA in a built `transformers.Trainer` (or a subclass) before `train()`; returns its callback.
+
+    Raises:
+        ConfigError: `swa_method` none, candidates or side EMAs (recipe features), `load_best_model_at_end`, or
+            SWA installed already.
+    """
+    refuse_unsupported(args)
+    if getattr(trainer, "swa_callback", None) is not None:
+        raise ConfigError("add_swa: this trainer has SWA installed already; call add_swa once")
+    callback = install_callback(trainer, args)
+    # The instance becomes one of its class's `with_swa` subclass: the Trainer has no hook for what the mixin
+    # overrides (see SWATrainerMixin), and a class change leaves every attribute and bound method of the live
+    # Trainer as it was, where wrapping `train` and `evaluate` on the instance would replace them.
+    trainer.__class__ = with_swa(type(trainer))
+    trainer.swa_callback = callback
     return callback

@@ -1,5 +1,6 @@
-"""SWA in `transformers.Trainer` (swa_accel.hf_trainer), end to end through recipes/hf_trainer.py and the real
-`accelerate launch`, with 1 and 2 CPU processes: a BatchNorm ResNet and the tiny BERT of the text tests."""
+"""SWA in `transformers.Trainer` (swa_accel.hf_trainer), end to end through recipes/hf_trainer.py,
+tests/workers/hf_trainer_steps.py and the real `accelerate launch`, with 1 and 2 CPU processes: a BatchNorm ResNet,
+the tiny BERT of the text tests and a tiny Llama in TRL's SFTTrainer; the plan in the Trainer's own steps."""
 
 import json
 import shutil
@@ -86,7 +87,7 @@ def test_resume_through_trainer_restores_the_average_bit_identically(tmp_path):
     resumed.mkdir()
     shutil.copytree(whole / "checkpoint-150", resumed / "checkpoint-150")
     state = torch.load(resumed / "checkpoint-150" / "swa_state.pt", weights_only=True)
-    assert state["averager"]["n_averaged"] == 7 and state["swa"]["steps_done"] == 150
+    assert state["swa"]["averager"]["n_averaged"] == 7 and state["swa"]["steps_done"] == 150
     run(resumed, *args, "--resume_from_checkpoint", "latest")
     ours, theirs = (load_file(p / "final" / "model.safetensors") for p in (resumed, whole))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -134,3 +135,194 @@ def test_add_swa_refuses_what_it_would_silently_drop():
         add_swa(None, SWAArguments(ema_decays="0.9"))
     with pytest.raises(ConfigError, match="^swa_method: 'none' averages nothing"):
         add_swa(None, SWAArguments(swa_method="none"))
+
+
+# ----- the Trainer's own steps: gradient accumulation on 2 processes ------------------------------------------------
+# tests/workers/hf_trainer_steps.py (see its docstring): 29 micro-batches per process and epoch, accumulation 2, so
+# the Trainer's epoch is 15 optimizer steps (the last of one micro-batch) and 4 epochs are 60 steps; the SWA start
+# after epoch 1 is step 15, the anneal one epoch (15 steps) from 0.05 to swa_lr 0.02.
+
+STEPS_PER_EPOCH, TOTAL, START = 15, 60, 15
+
+
+@pytest.fixture(scope="module")
+def accumulation_runs(tmp_path_factory):
+    """The worker's four runs in one 2-process launch: {run name: what it recorded}, and the output folder."""
+    out = tmp_path_factory.mktemp("accumulation")
+    result = launch(ROOT / "tests" / "workers" / "hf_trainer_steps.py", [str(out)], num_processes=2,
+                    env={"PYTHONPATH": str(ROOT)})
+    runs = {name: torch.load(out / f"{name}.pt", weights_only=True)
+            for name in ("per_step", "epoch_ends", "resumed", "max_steps")}
+    return runs, out, result.stdout
+
+
+def assert_mean_of(run: dict, steps) -> None:
+    """The final weights (the installed average) are the float64 mean of the weights after `steps`."""
+    steps = list(steps)
+    for name, value in run["final"].items():
+        mean = torch.stack([run["weights"][step][name] for step in steps]).mean(0)
+        torch.testing.assert_close(value, mean, atol=1e-5, rtol=0)
+
+
+def test_accumulation_on_two_processes_averages_every_step_of_the_documented_window(accumulation_runs):
+    from swa_accel.swa_lr import swa_phase_lr
+
+    run = accumulation_runs[0]["per_step"]
+    assert run["processes"] == 2
+    assert run["plan"] == {"steps_per_epoch": STEPS_PER_EPOCH, "total_steps": TOTAL, "swa_start_step": START,
+                           "anneal_steps": STEPS_PER_EPOCH}
+    assert sorted(run["weights"]) == list(range(1, TOTAL + 1))  # one record per optimizer step, not micro-batch
+    assert run["n_averaged"] == TOTAL - START == 45
+    assert_mean_of(run, range(START + 1, TOTAL + 1))
+    # The rate of every optimizer step: the constant 0.05, then SWALR's cos anneal to 0.02 over one epoch.
+    expected = {step: 0.05 if step - 1 < START else swa_phase_lr(step - 1, START, STEPS_PER_EPOCH, "cos", 0.05, 0.02)
+                for step in range(1, TOTAL + 1)}
+    assert run["rates"].keys() == expected.keys()
+    for step, rate in run["rates"].items():
+        assert rate == pytest.approx(expected[step], abs=1e-12), step
+    assert expected[START + 8] < 0.05 and expected[START + STEPS_PER_EPOCH] == pytest.approx(0.02)
+    # The log (every 5 steps) shows the rate the step used, not the constant scheduler's.
+    assert [step for step, _ in run["logged"]] == list(range(5, TOTAL + 1, 5))
+    for step, rate in run["logged"]:
+        assert rate == pytest.approx(expected[step], abs=1e-12), step
+
+
+def test_epoch_cadence_with_accumulation_and_a_checkpoint_on_an_epoch_end_resumed_bit_identically(
+        accumulation_runs):
+    runs, out, stdout = accumulation_runs
+    whole, resumed = runs["epoch_ends"], runs["resumed"]
+    assert whole["n_averaged"] == resumed["n_averaged"] == 3  # the ends of epochs 2, 3 and 4
+    assert_mean_of(whole, (30, 45, 60))
+    # A checkpoint and an evaluation on an epoch's last step include that step's epoch-end update.
+    assert whole["evaluations"] == [(15, 0), (30, 1), (45, 2), (60, 3)]
+    saved = torch.load(out / "epoch_ends" / "checkpoint-30" / "swa_state.pt", weights_only=True)["swa"]
+    assert saved["steps_done"] == 30 and saved["averager"]["n_averaged"] == 1
+    # Resumed from checkpoint-30 (through the with_swa class): the rest of the run, and the same final weights.
+    assert sorted(resumed["weights"]) == list(range(31, TOTAL + 1))
+    assert resumed["evaluations"] == [(45, 2), (60, 3)]
+    assert all(torch.equal(resumed["final"][k], whole["final"][k]) for k in whole["final"])
+    # metric_for_best_model compares both kinds of evaluation: the run says so, and what the final weights are.
+    line = ("swa: evaluations from optimizer step 30 on score the average, earlier ones the base model; "
+            "best_metric (loss) compares both kinds; the final weights are the average")
+    assert stdout.count(line) == 2  # (the whole run and the resumed one, on the main process only)
+
+
+def test_a_max_steps_budget_ends_where_the_trainer_ends_and_a_cut_epoch_has_no_end(accumulation_runs):
+    run = accumulation_runs[0]["max_steps"]
+    assert run["plan"]["total_steps"] == 50 and run["plan"]["swa_start_step"] == START
+    assert max(run["weights"]) == 50
+    assert run["n_averaged"] == 2  # the ends of epochs 2 and 3; epoch 4 is cut after 5 steps
+    assert_mean_of(run, (30, 45))
+
+
+# ----- the plan from the Trainer's own numbers (one process, no training) ------------------------------------------
+
+def digits_trainer(tmp_path, samples: int, **training):
+    from transformers import Trainer, TrainingArguments
+
+    from recipes.hf_trainer import DigitsDataset, image_task
+
+    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, use_cpu=True,
+                                  report_to="none", **training)
+    return Trainer(model=image_task()[0], args=arguments, eval_dataset=DigitsDataset("validation"),
+                   train_dataset=torch.utils.data.Subset(DigitsDataset("train"), range(samples)))
+
+
+def plan_of(trainer, **swa):
+    from swa_accel import SWAArguments
+    from swa_accel.hf_trainer import trainer_plan
+
+    return trainer_plan(trainer, SWAArguments(**swa), trainer.get_train_dataloader())
+
+
+def test_the_plan_counts_the_trainers_optimizer_steps_and_epochs(tmp_path):
+    from swa_accel import ConfigError
+
+    # The README's example: 6 epochs of 38 micro-batches, accumulation 2, swa_start_epoch=3.
+    plan = plan_of(digits_trainer(tmp_path, 1200, num_train_epochs=6, gradient_accumulation_steps=2),
+                   swa_start_epoch=3, swa_lr="0.02")
+    assert (plan.steps_per_epoch, plan.total_steps, plan.num_epochs) == (19, 114, 6)
+    assert (plan.swa_start_step, plan.anneal_steps) == (57, 19)
+    # 29 micro-batches: the epoch's last step takes the remaining one.
+    plan = plan_of(digits_trainer(tmp_path, 900, num_train_epochs=4, gradient_accumulation_steps=2),
+                   swa_start_epoch=1)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.swa_start_step) == (15, 60, 15)
+    # Fractional epochs and max_steps: the Trainer's budget (ceil(2.5 * 15) steps; max_steps wins over epochs).
+    plan = plan_of(digits_trainer(tmp_path, 900, num_train_epochs=2.5, gradient_accumulation_steps=2),
+                   swa_start_fraction=0.5)
+    assert (plan.total_steps, plan.num_epochs, plan.swa_start_step) == (38, 3, 19)
+    budget = digits_trainer(tmp_path, 900, num_train_epochs=9, max_steps=50, gradient_accumulation_steps=2)
+    plan = plan_of(budget, swa_start_epoch=2, swa_update_every_steps=5)
+    assert (plan.total_steps, plan.num_epochs, plan.swa_start_step, plan.update_every_steps) == (50, 4, 30, 5)
+    with pytest.raises(ConfigError, match=r"^swa_start_epoch: averaging would start at optimizer step 60, but "
+                                          r"training ends after 50 steps \(4 epochs of 15\)$"):
+        plan_of(budget, swa_start_epoch=4)
+
+
+def test_load_best_model_at_end_is_refused_in_one_line(tmp_path):
+    from transformers import Trainer
+
+    from swa_accel import ConfigError, SWAArguments
+    from swa_accel.hf_trainer import add_swa, with_swa
+
+    best = dict(load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch")
+    trainer = digits_trainer(tmp_path, 64, **best)
+    pattern = (r"^load_best_model_at_end: with add_swa the final weights are the average, .*; "
+               r"set load_best_model_at_end=False")
+    with pytest.raises(ConfigError, match=pattern) as refused:
+        add_swa(trainer, SWAArguments(swa_start_epoch=1))
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match=pattern):
+        with_swa(Trainer)(model=trainer.model, args=trainer.args, eval_dataset=trainer.eval_dataset,
+                          swa_args=SWAArguments(swa_start_epoch=1))
+    # Set after add_swa, it is refused when training starts, before any step.
+    trainer = digits_trainer(tmp_path, 64, eval_strategy="epoch", save_strategy="epoch")
+    add_swa(trainer, SWAArguments(swa_start_epoch=1))
+    trainer.args.load_best_model_at_end = True
+    with pytest.raises(ConfigError, match=pattern):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_trl_sft_trainer_with_add_swa_averages_a_tiny_llama(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainerCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from swa_accel import SWAArguments
+    from swa_accel.hf_trainer import add_swa
+    from swa_accel.swa_lr import swa_phase_lr
+    from tests.helpers.tiny_lm import sentences, tiny_llama, tiny_tokenizer
+
+    class Weights(TrainerCallback):
+        def __init__(self):
+            self.after = {}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.after[state.global_step] = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+
+    set_seed(0)
+    tokenizer = tiny_tokenizer()
+    config = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                       num_train_epochs=3, max_length=16, learning_rate=0.05, lr_scheduler_type="constant",
+                       optim="sgd", use_cpu=True, bf16=False, report_to="none", logging_steps=1,
+                       save_strategy="no", seed=0, disable_tqdm=True)
+    trainer = SFTTrainer(model=tiny_llama(len(tokenizer)), args=config, processing_class=tokenizer,
+                         train_dataset=Dataset.from_dict({"text": sentences(64)}))
+    swa = add_swa(trainer, SWAArguments(swa_start_epoch=1, swa_update_every_steps=1, swa_lr="0.02"))
+    weights = Weights()
+    trainer.add_callback(weights)
+    trainer.train()
+
+    assert isinstance(trainer, SFTTrainer)
+    # 8 micro-batches of 8 per epoch, accumulation 2: 4 optimizer steps per epoch, 12 in all, averaged after step 4.
+    assert (swa.swa.plan.steps_per_epoch, swa.swa.plan.total_steps, swa.swa.plan.swa_start_step) == (4, 12, 4)
+    assert swa.swa.averager.n_averaged == 8
+    final = dict(trainer.model.named_parameters())
+    for name, value in final.items():
+        mean = torch.stack([weights.after[step][name] for step in range(5, 13)]).mean(0)
+        torch.testing.assert_close(value.detach().double(), mean, atol=1e-5, rtol=0)
+    logged = {row["step"]: row["learning_rate"] for row in trainer.state.log_history if "learning_rate" in row}
+    assert logged[4] == pytest.approx(0.05)
+    for step in range(5, 13):
+        assert logged[step] == pytest.approx(swa_phase_lr(step - 1, 4, 4, "cos", 0.05, 0.02), abs=1e-12), step

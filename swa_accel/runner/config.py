@@ -52,6 +52,10 @@ class RunArguments:
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     model_dtype: str = _help("Weight dtype of the trained model: float32 or bfloat16 (the average stays fp32).",
                              default="float32")
+    sync_batchnorm: bool = _help(
+        "On a multi-process launch, normalise BatchNorm layers with the statistics of the global batch (all "
+        "processes' micro-batches) in training, as timm's --sync-bn; false: each process's own micro-batch, as DDP "
+        "does. One process: nothing changes. See docs/batchnorm.md.", default=False)
     max_grad_norm: Optional[float] = _help("Clip gradients to this norm; None disables clipping.", default=None)
     lr_scheduler_type: str = _help("Pre-SWA schedule: cosine, linear, constant or one_cycle.", default="cosine")
     num_warmup_steps: int = _help("Linear warmup in optimizer steps.", default=0)

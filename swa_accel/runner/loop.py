@@ -35,6 +35,7 @@ from .phases import PhaseClock
 from .lr_schedule import TrainingPlan, lr_curve, make_plan, make_scheduler, rates_from_config
 from ..swa import SWA
 from .task import Task, TaskData, set_epoch
+from .sync_bn import synced_batchnorm
 from .preemption import PREEMPTED_EXIT_CODE, StopSignals
 from .xla import expose_loader_dataset, is_xla, on_host, refuse_bf16_storage, seed_step
 
@@ -65,7 +66,7 @@ class RecipeTrainer:
         self.input_dtype = None if self.dtype == torch.float32 else self.dtype
 
         set_seed(training.seed)  # before the model is built, so that the seed also controls initialisation
-        model = task.build_model().to(self.dtype)
+        model = synced_batchnorm(task.build_model().to(self.dtype), training.sync_batchnorm, accelerator)
         optimizer = build_optimizer(model, training)
         self.data = TaskData(task, training, accelerator.device, self.xla)
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, self.data.train_loader())

@@ -4,11 +4,13 @@
 #   ./run.sh                                   # the offline default job (vision, digits)
 #   ./run.sh RECIPE.yaml [--key value ...]     # any recipe config (from anywhere, see its `recipe:` key), with overrides
 #   ./run.sh --accelerate_config accelerate_configs/cpu_2proc.yaml RECIPE.yaml ...
-#   ./run.sh test [pytest args]                # the test suite
+#   ./run.sh [RECIPE.yaml] --help              # every option of that config's recipe (the default job's: vision)
+#   ./run.sh test [PATH ...] [pytest args]     # the test suite, or just the tests at PATH
 #   ./run.sh test-xla [pytest args]            # the XLA suite (tests/xla) on XLA's CPU device, in .venv-xla
 #
-# On first use it builds its own virtualenv (.venv, or $SWA_ACCEL_VENV) from requirements.txt and
-# rebuilds it whenever requirements.txt changes. The XLA suite gets its own (.venv-xla, or $SWA_ACCEL_XLA_VENV):
+# On first use it builds its own virtualenv (.venv, or $SWA_ACCEL_VENV) from requirements.txt, with this checkout
+# installed in editable mode (`import swa_accel` works from any folder), and rebuilds it whenever requirements.txt
+# or pyproject.toml changes. The XLA suite gets its own (.venv-xla, or $SWA_ACCEL_XLA_VENV):
 # requirements.txt with torch_xla's latest release and the torch it is built for (a CUDA build, about 7 GB).
 set -euo pipefail
 
@@ -20,11 +22,16 @@ XLA_PINS=("torch==2.9.0" "torch_xla==2.9.0")  # torch_xla's latest release needs
 DEFAULT_RECIPE="$ROOT/recipes/vision/configs/digits_small_cnn.yaml"
 cd "$ROOT"
 
-# build_venv DIR: (re)builds DIR from the requirements read on standard input, unless it was built from them.
+# build_venv DIR [--editable]: (re)builds DIR from the requirements read on standard input, unless it was built
+# from them; with --editable it also installs this checkout (pyproject.toml) in editable mode, and a change of
+# pyproject.toml rebuilds it too.
 build_venv() {
-  local venv="$1" stamp="$1/.requirements.sha256" requirements want
+  local venv="$1" editable="${2:-}" stamp="$1/.requirements.sha256" requirements want
   requirements="$(cat)"
   want="$(sha256sum <<< "$requirements" | cut -d' ' -f1)"
+  if [[ -n "$editable" ]]; then
+    want="$want $(sha256sum < pyproject.toml | cut -d' ' -f1)"
+  fi
   if [[ -x "$venv/bin/python" && "$(cat "$stamp" 2>/dev/null)" == "$want" ]]; then
     return
   fi
@@ -32,11 +39,20 @@ build_venv() {
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -r /dev/stdin <<< "$requirements"
+  if [[ -n "$editable" ]]; then
+    # (setuptools' build warnings are shown only if the install fails; the venv's own setuptools, when recent
+    # enough, builds it without fetching one)
+    local isolation=()
+    "$venv/bin/python" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 61)' \
+      2>/dev/null && isolation=(--no-build-isolation)
+    "$venv/bin/python" -m pip install --quiet --no-deps "${isolation[@]}" -e "$ROOT" > "$venv/editable_install.log" 2>&1 \
+      || { cat "$venv/editable_install.log" >&2; exit 1; }
+  fi
   echo "$want" > "$stamp"
 }
 
 ensure_venv() {
-  build_venv "$VENV" < requirements.txt
+  build_venv "$VENV" --editable < requirements.txt
 }
 
 # requirements.txt with its torch pin replaced by XLA_PINS. This machine's pip may cap torch at the release it
@@ -55,6 +71,33 @@ default_accelerate_config() {
 
 absolute() {  # a path as the caller meant it
   if [[ "$1" == /* ]]; then echo "$1"; else echo "$CALLER_DIR/$1"; fi
+}
+
+# A config path as given: from the caller's folder, else from the clone (as the YAML headers write it:
+# ./run.sh recipes/vision/configs/...); a path found in neither is named as the caller's.
+config_path() {
+  if [[ "$1" != /* && ! -e "$CALLER_DIR/$1" && -f "$ROOT/$1" ]]; then echo "$ROOT/$1"; else absolute "$1"; fi
+}
+
+wants_help() {
+  local arg
+  for arg in "$@"; do
+    [[ "$arg" == "-h" || "$arg" == "--help" ]] && return 0
+  done
+  return 1
+}
+
+# pytest's arguments: `tests` unless they name test paths themselves (a file, a folder or a node id such as
+# tests/test_x.py::test_y), as `pytest PATH` would run just those.
+test_args() {
+  local arg
+  for arg in "$@"; do
+    if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then
+      printf '%s\n' "$@"
+      return
+    fi
+  done
+  printf '%s\n' tests "$@"
 }
 
 # Which recipe a config belongs to: its `recipe:` key, else the recipes/<name>/configs/ folder it sits in.
@@ -88,7 +131,8 @@ if [[ "${1:-}" == "test" ]]; then
   shift
   # The suite never touches the Hub: all data and models are built locally.
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-  exec "$VENV/bin/python" -m pytest tests "$@"
+  mapfile -t PYTEST_ARGS < <(test_args "$@")
+  exec "$VENV/bin/python" -m pytest "${PYTEST_ARGS[@]}"
 fi
 
 ACCELERATE_CONFIG=""
@@ -100,11 +144,16 @@ ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$(default_accelerate_config)}"
 [[ -f "$ACCELERATE_CONFIG" ]] || { echo "error: accelerate_config: '$ACCELERATE_CONFIG' does not exist" >&2; exit 1; }
 
 RECIPE="$DEFAULT_RECIPE"
-if [[ $# -gt 0 && "$1" != --* ]]; then
-  RECIPE="$(absolute "$1")"
+if [[ $# -gt 0 && "$1" != -* ]]; then
+  RECIPE="$(config_path "$1")"
   shift
 fi
-[[ -f "$RECIPE" ]] || { echo "error: config: '$RECIPE' does not exist" >&2; exit 1; }
+if [[ ! -f "$RECIPE" ]]; then
+  also=""
+  [[ "$RECIPE" == "$CALLER_DIR/"* && "$CALLER_DIR" != "$ROOT" ]] && also=" (nor does '$ROOT/${RECIPE#"$CALLER_DIR/"}')"
+  echo "error: config: '$RECIPE' does not exist$also" >&2
+  exit 1
+fi
 SCRIPT="$(recipe_script "$RECIPE")" || exit 1
 
 LAUNCH_ARGS=(--quiet --config_file "$ACCELERATE_CONFIG")
@@ -115,5 +164,12 @@ if grep -q "^use_cpu: true" "$ACCELERATE_CONFIG" && [[ -z "${OMP_NUM_THREADS:-}"
 fi
 # Outputs and other relative paths in the config or on the command line are relative to where run.sh was called.
 cd "$CALLER_DIR"
-# (accelerate launch itself, minus its traceback on Ctrl-C: the training processes say what was saved.)
+# --help, and the config's errors in a fraction of a second: checked before torch and the launcher load.
+CHECK=("$VENV/bin/python" "$ROOT/swa_accel/runner/early_check.py" "$SCRIPT" --config "$RECIPE" "$@")
+if wants_help "$@"; then
+  exec "${CHECK[@]}"
+fi
+"${CHECK[@]}" || exit $?
+# (accelerate launch itself, passing SIGTERM and SIGINT sent to this pid on to the training processes, minus its
+# traceback on Ctrl-C: the training processes say what was saved.)
 exec "$VENV/bin/python" "$ROOT/swa_accel/runner/quiet_launch.py" launch "${LAUNCH_ARGS[@]}" "$SCRIPT" --config "$RECIPE" "$@"

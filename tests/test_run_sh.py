@@ -1,8 +1,12 @@
 """run.sh as a user calls it: a config copied anywhere runs through its `recipe:` key, quietly."""
 
+import dataclasses
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import yaml
 
@@ -101,3 +105,84 @@ def test_ctrl_c_through_run_sh_is_one_line_with_no_traceback(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("interrupted at optimizer step ")
+
+
+def test_help_lists_every_option_of_the_configs_recipe_and_exits_0(tmp_path):
+    from swa_accel.runner.config import RunArguments, SWAArguments
+
+    help_text = run_sh(["--help"], cwd=tmp_path)
+    assert help_text.returncode == 0 and help_text.stderr == "", help_text.stderr[-2000:]
+    assert "--swa_lr STR" in help_text.stdout and "Constant LR of the SWA phase" in help_text.stdout
+    assert "--augment" in help_text.stdout  # the default job is the vision recipe's
+    for dtype in (RunArguments, SWAArguments):
+        for name in (f.name for f in dataclasses.fields(dtype)):
+            assert f"--{name} " in help_text.stdout, name
+    assert run_sh(["-h"], cwd=tmp_path).stdout == help_text.stdout
+    text = run_sh(["recipes/text/configs/smoke.yaml", "--max_length", "8", "-h"], cwd=ROOT)
+    assert text.returncode == 0 and "--max_length INT" in text.stdout and "--augment" not in text.stdout
+    # The recipe's own --help lists the same options (read the same way), under its own usage line.
+    direct = subprocess.run([sys.executable, str(ROOT / "recipes" / "vision" / "train.py"), "--help"],
+                            capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    assert direct.stdout.split("general:")[1] == help_text.stdout.split("general:")[1]
+
+
+def test_a_config_error_arrives_before_torch_loads(tmp_path):
+    started = time.monotonic()
+    result = run_sh(["--num_epochs", "5"], cwd=tmp_path)
+    seconds = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr == "error: num_epochs: unknown option; did you mean num_train_epochs?\n"
+    assert seconds < 3, seconds
+
+
+def test_a_config_path_from_the_clone_is_found_from_any_folder(tmp_path):
+    # (as the YAML headers write it; the swa_lr line shows that the file was read)
+    result = run_sh(["recipes/vision/configs/smoke.yaml", "--swa_lr", "0"], cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (1, "error: swa_lr: must be > 0, got 0.0\n")
+    missing = run_sh(["recipes/vision/configs/missing.yaml"], cwd=tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr == (f"error: config: '{tmp_path}/recipes/vision/configs/missing.yaml' does not exist "
+                              f"(nor does '{ROOT}/recipes/vision/configs/missing.yaml')\n")
+
+
+def test_sigterm_to_run_sh_stops_training_with_a_checkpoint_and_leaves_no_process(tmp_path):
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    process = subprocess.Popen([str(ROOT / "run.sh"), str(SMOKE), "--output_dir", "out", "--num_train_epochs", "1000"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "out" / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training
+        time.sleep(0.05)
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    assert any("train.py" in " ".join(child.cmdline()) for child in descendants)
+    os.kill(process.pid, signal.SIGTERM)  # run.sh's pid only, not its process group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("stopped by SIGTERM after optimizer step ") and "Traceback" not in stderr, stderr[-3000:]
+    step = int(line.split("optimizer step ")[1].split(":")[0])
+    assert (tmp_path / "out" / "checkpoints" / f"step_{step:08d}" / "model.safetensors").is_file()
+    assert not [child.pid for child in descendants if child.is_running()]
+
+
+def test_the_venv_imports_swa_accel_from_any_folder(tmp_path):
+    result = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c",
+                             "import swa_accel, swa_accel.runner; print(swa_accel.__file__)"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(ROOT / "swa_accel" / "__init__.py")
+
+
+def test_run_sh_test_with_a_path_runs_just_those_tests(tmp_path):
+    (tmp_path / "test_alone.py").write_text("def test_alone():\n    assert 1 + 1 == 2\n")
+    result = run_sh(["test", str(tmp_path / "test_alone.py"), "-q", "-p", "no:cacheprovider"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("1 passed")
+    # Options alone still mean the whole suite.
+    everything = run_sh(["test", "-q", "--collect-only", "-k", "test_run_sh_test_with_a_path"], cwd=tmp_path)
+    assert "tests/test_run_sh.py::test_run_sh_test_with_a_path_runs_just_those_tests" in everything.stdout
+    assert int(re.search(r"(\d+) deselected", everything.stdout).group(1)) > 100, everything.stdout[-2000:]

@@ -9,13 +9,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .checkpointing import list_checkpoints
-from .config import ConfigError, first_line
+from .config import TRACEBACK_VARIABLE, ConfigError, first_line
 from .launch import end_process
 from .health import TrainingDiverged
 from .loop import RecipeTrainer
-
-#: Set to 1 to see the full traceback instead of the one-line error.
-TRACEBACK_VARIABLE = "SWA_ACCEL_TRACEBACK"
 
 
 def remove_if_empty(folder: Path) -> None:

@@ -1,7 +1,8 @@
 """The recipes' typed run configuration: dataclasses filled from a recipe YAML, then `--key value` overrides.
 
 The parsing itself is `transformers.HfArgumentParser`; this module only adds the YAML layer,
-rejects unknown keys by name and turns every config error into one line.
+rejects unknown keys by name, answers --help and turns every config error into one line. It imports transformers
+only inside `parse_config`, so that run.sh's early check (early_check.py) can use the rest without it.
 """
 
 from __future__ import annotations
@@ -10,18 +11,19 @@ import argparse
 import dataclasses
 import difflib
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from transformers import HfArgumentParser
 
 from ..arguments import SWAArguments  # noqa: F401  (the recipes' configs name it beside RunArguments)
 from ..errors import ConfigError, first_line
 from ..field_types import check_field_types
 from .preemption import signal_number
+from .recipe_options import options_help, read_classes
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -137,8 +139,8 @@ class RunArguments:
             self.resume_from_checkpoint = None
 
 
-class _OneLineArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors raise ConfigError instead of printing usage and exiting."""
+class OneLineErrors:
+    """An argparse parser mixin whose errors raise ConfigError instead of printing usage and exiting."""
 
     def error(self, message: str) -> None:  # argparse calls this for unknown or malformed flags
         # "argument --num_train_epochs/--num-train-epochs: invalid int value: 'abc'" -> "num_train_epochs: ..."
@@ -146,6 +148,18 @@ class _OneLineArgumentParser(HfArgumentParser):
         raise ConfigError(f"{named.group(1)}: {named.group(2)}" if named else message)
 
 
+def one_line_parser(dataclass_types: tuple[type, ...]) -> Any:
+    """transformers.HfArgumentParser for these dataclasses, with one-line errors."""
+    from transformers import HfArgumentParser  # (here: transformers takes a second or more to import)
+
+    class OneLineArgumentParser(OneLineErrors, HfArgumentParser):
+        pass
+
+    return OneLineArgumentParser(dataclass_types)
+
+
+#: Set to 1 to see the full traceback instead of the one-line error.
+TRACEBACK_VARIABLE = "SWA_ACCEL_TRACEBACK"
 #: The YAML key that names the recipe a config belongs to, so that run.sh finds the script wherever the file is.
 RECIPE_KEY = "recipe"
 #: Command-line words that unset an optional value.
@@ -224,6 +238,43 @@ def split_unset_flags(argv: list[str], optional: set[str]) -> tuple[list[str], l
     return rest, [name for name, unsets in last.items() if unsets]
 
 
+def wants_help(argv: list[str]) -> bool:
+    return any(token in ("-h", "--help") for token in argv)
+
+
+def recipe_help(dataclass_types: tuple[type, ...], recipe: Optional[str], usage: str) -> str:
+    """The --help text: every option of these dataclasses with its type, default and help, read from their source
+    (the same reading run.sh's early check does, so both list the same)."""
+    return options_help(read_classes(dataclass_types), usage=usage, description=help_description(recipe))
+
+
+def help_description(recipe: Optional[str]) -> str:
+    name = f"the {recipe} recipe" if recipe else "this recipe"
+    return (f"Options of {name}. Each one is a key of the config file or a --key value override on the command "
+            "line (which wins).")
+
+
+def split_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """(`--config FILE` or None, the other arguments)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    return known.config, rest
+
+
+def config_file_values(path: str, known: set[str], recipe: Optional[str] = None) -> dict[str, Any]:
+    """A config file's values, refused in one line when its `recipe:` key names another recipe than `recipe` or a key
+    is not one of the `known` options."""
+    values = load_yaml(path)
+    named = values.pop(RECIPE_KEY, None)
+    if named is not None and recipe is not None and named != recipe:
+        raise ConfigError(f"recipe: {path} is a config of the {named!r} recipe, not of {recipe!r}")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise unknown_option(unknown[0], known, f"key in {path}")
+    return values
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a recipe YAML file into a flat dict, naming the file in every error."""
     path = Path(path)
@@ -254,21 +305,16 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str], recipe: Opt
 
     Raises:
         ConfigError: unknown key in the YAML or on the command line, or a value a dataclass rejects.
+        SystemExit: with status 0, after printing every option, for `-h` or `--help`.
     """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = _OneLineArgumentParser(dataclass_types)
-    if known.config is not None:
-        values = load_yaml(known.config)
-        named = values.pop(RECIPE_KEY, None)
-        if named is not None and recipe is not None and named != recipe:
-            raise ConfigError(f"recipe: {known.config} is a config of the {named!r} recipe, not of {recipe!r}")
-        unknown = sorted(set(values) - field_names(dataclass_types))
-        if unknown:
-            raise unknown_option(unknown[0], field_names(dataclass_types), f"key in {known.config}")
+    if wants_help(argv):
+        print(recipe_help(dataclass_types, recipe, usage=f"{sys.argv[0]} --config FILE.yaml [--key value ...]"))
+        raise SystemExit(0)
+    config, rest = split_config_flag(argv)
+    parser = one_line_parser(dataclass_types)
+    if config is not None:
         # Argparse converts string defaults with the field's type, so YAML's '1e-3' still becomes a float.
-        parser.set_defaults(**values)
+        parser.set_defaults(**config_file_values(config, field_names(dataclass_types), recipe))
     check_option_names(rest, field_names(dataclass_types))
     rest, unset = split_unset_flags(rest, optional_field_names(dataclass_types))
     parser.set_defaults(**{name: None for name in unset})

@@ -87,9 +87,10 @@ def test_a_two_process_launch_prints_the_error_once(tmp_path):
     assert errors == ["error: swa_lr: must be > 0, got 0.0"]
 
 
-def test_ctrl_c_through_run_sh_is_one_line_with_no_traceback(tmp_path):
-    """Ctrl-C reaches the whole foreground process group: launcher and training process alike."""
-    import signal
+def start_training_through_run_sh(tmp_path) -> subprocess.Popen:
+    """`./run.sh` on the smoke config in a session of its own, returned once it is training (its first
+    metrics written), with a budget far past that: a signal sent then must find the run training, however fast
+    this machine is."""
     import time
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -98,9 +99,16 @@ def test_ctrl_c_through_run_sh_is_one_line_with_no_traceback(tmp_path):
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     deadline = time.monotonic() + 300
-    # (a budget far past the first evaluation: the signal must find the run training, however fast this machine is)
     while not (tmp_path / "out" / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+    return process
+
+
+def test_ctrl_c_through_run_sh_is_one_line_with_no_traceback(tmp_path):
+    """Ctrl-C reaches the whole foreground process group: launcher and training process alike."""
+    import signal
+
+    process = start_training_through_run_sh(tmp_path)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
@@ -149,14 +157,7 @@ def test_a_config_path_from_the_clone_is_found_from_any_folder(tmp_path):
 def test_sigterm_to_run_sh_stops_training_with_a_checkpoint_and_leaves_no_process(tmp_path):
     import psutil
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
-    process = subprocess.Popen([str(ROOT / "run.sh"), str(SMOKE), "--output_dir", "out", "--num_train_epochs", "1000"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "out" / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training
-        time.sleep(0.05)
+    process = start_training_through_run_sh(tmp_path)
     descendants = psutil.Process(process.pid).children(recursive=True)
     assert any("train.py" in " ".join(child.cmdline()) for child in descendants)
     os.kill(process.pid, signal.SIGTERM)  # run.sh's pid only, not its process group

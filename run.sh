@@ -6,6 +6,7 @@
 #   ./run.sh --accelerate_config accelerate_configs/cpu_2proc.yaml RECIPE.yaml ...
 #   ./run.sh [RECIPE.yaml] --help              # every option of that config's recipe (the default job's: vision)
 #   ./run.sh test [PATH ...] [pytest args]     # the test suite, or just the tests at PATH
+#   ./run.sh test-cluster [pytest args]        # the cluster suite (tests/cluster): signals, restarts, 2 machines
 #   ./run.sh test-xla [pytest args]            # the XLA suite (tests/xla) on XLA's CPU device, in .venv-xla
 #
 # On first use it builds its own virtualenv (.venv, or $SWA_ACCEL_VENV) from requirements.txt, with this checkout
@@ -87,8 +88,9 @@ wants_help() {
   return 1
 }
 
-# pytest's arguments: `tests` unless they name test paths themselves (a file, a folder or a node id such as
-# tests/test_x.py::test_y), as `pytest PATH` would run just those.
+# pytest's arguments: `tests` but the cluster suite (tests/cluster, `./run.sh test-cluster`) unless they name test
+# paths themselves (a file, a folder or a node id such as tests/test_x.py::test_y), as `pytest PATH` would run just
+# those.
 test_args() {
   local arg
   for arg in "$@"; do
@@ -97,7 +99,7 @@ test_args() {
       return
     fi
   done
-  printf '%s\n' tests "$@"
+  printf '%s\n' tests --ignore=tests/cluster "$@"
 }
 
 # Which recipe a config belongs to: its `recipe:` key, else the recipes/<name>/configs/ folder it sits in.
@@ -127,6 +129,10 @@ if [[ "${1:-}" == "test-xla" ]]; then
 fi
 ensure_venv
 
+if [[ "${1:-}" == "test-cluster" ]]; then
+  shift
+  set -- test tests/cluster "$@"
+fi
 if [[ "${1:-}" == "test" ]]; then
   shift
   # The suite never touches the Hub: all data and models are built locally.

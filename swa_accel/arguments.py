@@ -52,6 +52,34 @@ class SWAArguments:
     ema_decays: Optional[str] = _help(
         "Side EMAs of the same averaging updates, as more candidates ('0.9,0.99'; decay per update), "
         "one fp32 copy each.", default=None)
+    ema_warmup_power: Optional[float] = _help(
+        "timm's EMA warmup: decay min(ema_decay, max(ema_min_decay, 1 - (1 + n / ema_warmup_gamma) ** -power)) at "
+        "update n (timm's ModelEmaV3; 2/3 for long runs, 3/4 for short ones). None: ema_warmup's (1 + n) / (10 + n), "
+        "or no warmup.", default=None)
+    ema_warmup_gamma: float = _help("timm's EMA warmup: the update count's scale (see ema_warmup_power).", default=1.0)
+    ema_min_decay: float = _help("timm's EMA warmup: the lowest decay (see ema_warmup_power).", default=0.0)
+    snapshot_every: Optional[str] = _help(
+        "The snapshot store: every_epoch, every_N_epochs or every_N_steps, its points. At each it writes (in the "
+        "background, into output_dir/snapshots) what any average is built from after the run: windows between any "
+        "two points, LAWA, post-hoc EMA of any width, BEMA. None: no store.", default=None)
+    snapshot_from: str = _help(
+        "Where the store begins: swa_start (its first fold is the first averaging update) or start (from the first "
+        "step, at the averaging cadence: post-hoc EMA and LAWA of the whole run).", default="swa_start")
+    posthoc_ema_tracked: Optional[str] = _help(
+        "The store's post-hoc EMA: the widths (sigma_rel, EDM2) of the power-function EMAs it tracks, two or more "
+        "('0.05,0.1': EDM2's); one fp32 copy each. none: no post-hoc EMA.", default="0.05,0.1")
+    posthoc_ema_widths: Optional[str] = _help(
+        "The post-hoc EMA widths (sigma_rel) reconstructed at the end as candidates.", default="0.02,0.05,0.1,0.15,0.2")
+    lawa_ks: Optional[str] = _help(
+        "LAWA candidates from the store: the mean of the weights at the last k points, for each k ('1,3,5'); the "
+        "store keeps the weights of the last max(k) points.", default=None)
+    bema: bool = _help("A BEMA candidate from the store (TRL's BEMACallback defaults; one fp32 copy).", default=False)
+    soup: bool = _help(
+        "A greedy soup (Wortsman et al. 2022) after scoring: the candidates in order of validation score, each "
+        "kept in a uniform mean only if the validation score improves.", default=False)
+    snapshot_disk_budget_mb: Optional[float] = _help(
+        "The store's disk budget: past it the points are thinned before training (every 2nd, 3rd ...), and the "
+        "run says which window starts that drops.", default=None)
     selection_metric: str = _help(
         "Validation metric that picks the exported candidate: nll or ece (lower is better), accuracy or f1 "
         "(higher is better).", default="nll")
@@ -72,8 +100,9 @@ class SWAArguments:
         "train loader uses).", default=None)
 
     def __post_init__(self) -> None:
-        # (The three lists normalise themselves below: one value, a comma string or a YAML list.)
-        check_field_types(self, skip=frozenset({"swa_lr", "swa_start_candidates", "ema_decays"}))
+        # (The lists normalise themselves below: one value, a comma string or a YAML list.)
+        check_field_types(self, skip=frozenset({"swa_lr", "swa_start_candidates", "ema_decays", "lawa_ks",
+                                                "posthoc_ema_tracked", "posthoc_ema_widths"}))
         if self.swa_method not in ("swa", "ema", "none"):
             raise ConfigError(f"swa_method: must be swa, ema or none, got {self.swa_method!r}")
         if not 0.0 <= self.swa_start_fraction < 1.0:
@@ -105,6 +134,13 @@ class SWAArguments:
             raise ConfigError(f"swa_start_candidates: candidates are averages of an SWA run; swa_method is "
                               f"{self.swa_method!r}: pass --swa_start_candidates none --ema_decays none, or "
                               "--swa_method swa")
+        if self.ema_warmup_power is not None and not self.ema_warmup_power > 0:
+            raise ConfigError(f"ema_warmup_power: must be > 0, got {self.ema_warmup_power}")
+        if not self.ema_warmup_gamma > 0:
+            raise ConfigError(f"ema_warmup_gamma: must be > 0, got {self.ema_warmup_gamma}")
+        if not 0.0 <= self.ema_min_decay < 1.0:
+            raise ConfigError(f"ema_min_decay: must be in [0, 1), got {self.ema_min_decay}")
+        self._check_store()
         if self.selection_metric not in SELECTION_METRICS:
             raise ConfigError(f"selection_metric: must be one of {', '.join(SELECTION_METRICS)}, "
                               f"got {self.selection_metric!r}")
@@ -114,6 +150,45 @@ class SWAArguments:
             raise ConfigError(f"bn_recompute_batch_size: must be >= 1, got {self.bn_recompute_batch_size}")
         if self.bn_recompute_max_samples is not None and self.bn_recompute_max_samples < 1:
             raise ConfigError(f"bn_recompute_max_samples: must be >= 1, got {self.bn_recompute_max_samples}")
+
+    def _check_store(self) -> None:
+        if self.snapshot_every is not None and str(self.snapshot_every).lower() == "none":
+            self.snapshot_every = None
+        if self.snapshot_every is not None and store_cadence(self.snapshot_every) is None:
+            raise ConfigError(f"snapshot_every: must be every_epoch, every_N_epochs or every_N_steps, "
+                              f"got {self.snapshot_every!r}")
+        if self.snapshot_from not in ("swa_start", "start"):
+            raise ConfigError(f"snapshot_from: must be swa_start or start, got {self.snapshot_from!r}")
+        self.posthoc_ema_tracked = _floats("posthoc_ema_tracked", _none_word(self.posthoc_ema_tracked),
+                                           "a list of widths such as 0.05,0.1")
+        self.posthoc_ema_widths = _floats("posthoc_ema_widths", _none_word(self.posthoc_ema_widths),
+                                          "a list of widths such as 0.05,0.1,0.2")
+        for name in ("posthoc_ema_tracked", "posthoc_ema_widths"):
+            for width in getattr(self, name) or ():
+                if not 0.0 < width <= 0.28:  # (the widest power-function profile is 0.2887)
+                    raise ConfigError(f"{name}: each width (sigma_rel) must be in (0, 0.28], got {width}")
+        tracked = self.posthoc_ema_tracked or []
+        if len(tracked) == 1 or len(set(tracked)) != len(tracked):
+            raise ConfigError(f"posthoc_ema_tracked: post-hoc EMA needs two or more different widths, got {tracked}")
+        self.lawa_ks = _floats("lawa_ks", _none_word(self.lawa_ks), "a list of point counts such as 1,3,5")
+        if self.lawa_ks is not None:
+            if not all(k.is_integer() and k >= 1 for k in self.lawa_ks):
+                raise ConfigError(f"lawa_ks: each k must be a whole number >= 1, got {self.lawa_ks}")
+            self.lawa_ks = [int(k) for k in self.lawa_ks]
+        if self.snapshot_disk_budget_mb is not None and not self.snapshot_disk_budget_mb > 0:
+            raise ConfigError(f"snapshot_disk_budget_mb: must be > 0, got {self.snapshot_disk_budget_mb}")
+        if self.snapshot_every is None:
+            for name, used in (("lawa_ks", self.lawa_ks), ("bema", self.bema),
+                               ("snapshot_disk_budget_mb", self.snapshot_disk_budget_mb)):
+                if used:
+                    raise ConfigError(f"{name}: built from the snapshot store; set snapshot_every (e.g. every_epoch)")
+        elif self.swa_method != "swa" and self.enabled:
+            raise ConfigError(f"snapshot_every: the store keeps an SWA run's snapshots; swa_method is "
+                              f"{self.swa_method!r}")
+
+    @property
+    def store_enabled(self) -> bool:
+        return self.enabled and self.snapshot_every is not None
 
     @property
     def enabled(self) -> bool:
@@ -138,6 +213,20 @@ class SWAArguments:
 
     def ema_decay_values(self) -> tuple[float, ...]:
         return tuple(self.ema_decays or ())
+
+
+def store_cadence(text: str) -> Optional[tuple[int, str]]:
+    """(N, 'epochs' | 'steps') for 'every_epoch', 'every_N_epochs' or 'every_N_steps'; None for anything else."""
+    epochs = _every_epochs(str(text))
+    if epochs is not None:
+        return epochs, "epochs"
+    steps = re.fullmatch(r"every_([1-9][0-9]*)_steps", str(text))
+    return (int(steps.group(1)), "steps") if steps else None
+
+
+def _none_word(value: Any) -> Any:
+    """'none' (any case) for a list option means an empty list."""
+    return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
 
 def _comma_list(value: Any) -> Optional[list[str]]:

@@ -20,7 +20,8 @@ class Candidate:
 
     Attributes:
         name: e.g. `swa_from_epoch_10` or `ema_0.999`.
-        kind: "swa" (an equal-weight average from `start_step`) or "ema" (a side EMA of the same updates).
+        kind: "swa" (an equal-weight average from `start_step`), "ema" (a side EMA of the same updates), or a
+            store family: "lawa", "posthoc_ema", "bema"; or "soup".
         start_step, start_epoch: where its averaging began (an EMA: the SWA start).
         decay: the EMA's decay per update; None for SWA.
         n_averaged: the updates it holds.
@@ -34,6 +35,7 @@ class Candidate:
     decay: Optional[float]
     n_averaged: int
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # a family's own: LAWA's k, post-hoc EMA's sigma_rel, the soup's
 
 
 @dataclass

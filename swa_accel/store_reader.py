@@ -53,28 +53,34 @@ class StoreReader:
     def _path(self, kind: str, point: Optional[int] = None) -> Path:
         return self.folder / file_name(kind, self.rank, point)
 
-    def _weighted_sum(self, parts: Iterable[tuple[Path, float]], device) -> dict[str, torch.Tensor]:
+    def _weighted_sum(self, parts: Iterable[tuple[object, float]], device) -> dict[str, torch.Tensor]:
+        """The sum of weight * tensors over `parts`: (a file, or tensors in memory, and its weight)."""
         total: Optional[dict[str, torch.Tensor]] = None
-        for path, weight in parts:
-            tensors = read_tensors(path)
+        for source, weight in parts:
+            tensors = read_tensors(source) if isinstance(source, Path) else source
             if total is None:
                 total = {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in tensors.items()}
             for name, tensor in tensors.items():
-                total[name].add_(tensor.double(), alpha=weight)
+                total[name].add_(tensor.to("cpu", torch.float64), alpha=weight)
         if total is None:
             raise ValueError("snapshot store: nothing stored for this average")
         return {n: t.to(device=device, dtype=torch.float32) for n, t in total.items()}
 
     # ----- the families ---------------------------------------------------------------------
 
-    def window(self, after: Optional[int], through: int, device=None) -> dict[str, torch.Tensor]:
+    def window(self, after: Optional[int], through: int, device=None,
+               tail: Optional[tuple[dict[str, torch.Tensor], int]] = None) -> dict[str, torch.Tensor]:
         """The equal-weight mean of every fold after point `after` (None: from the store's start) through point
-        `through`: its segments' means weighted by their counts."""
+        `through`: its segments' means weighted by their counts. `tail`: a live store's uncut segment (its mean and
+        count), folded after the last point."""
         chosen = [p for p in self.points[(-1 if after is None else after) + 1: through + 1] if p.count > 0]
-        total = sum(p.count for p in chosen)
+        parts = [(self._path("segment", p.index), p.count) for p in chosen]
+        if tail is not None:
+            parts.append(tail)
+        total = sum(count for _, count in parts)
         if total == 0:
             raise ValueError(f"snapshot store: no fold between points {after} and {through}")
-        return self._weighted_sum(((self._path("segment", p.index), p.count / total) for p in chosen), device)
+        return self._weighted_sum(((source, count / total) for source, count in parts), device)
 
     def lawa(self, k: int, device=None) -> dict[str, torch.Tensor]:
         """LAWA: the mean of the weights at the last `k` points."""

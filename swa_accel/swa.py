@@ -36,6 +36,8 @@ from .loop_checks import (batches_per_epoch, launch_warning, refuse_lone_process
 from .plan_report import plan_line, plan_warnings
 from .timeline import TrainingPlan, plan_run
 from .sharded import ShardedPlacement
+from .soup import greedy_soup
+from .store_families import attach_store, dropped_candidates, family_names
 from .swa_lr import SWALRPhase
 
 #: `bn_loader(full_pass)`: a factory of this rank's loader for one BN pass (capped unless `full_pass`).
@@ -81,7 +83,8 @@ class SWA:
                  num_epochs: Optional[int] = None, max_steps: Optional[int] = None,
                  plan: Optional[TrainingPlan] = None, build_model: Optional[Callable[[], nn.Module]] = None,
                  bn_loader: Optional[BNLoader] = None, seed: int = 0, phase: Phase = _no_phase,
-                 register: bool = True, verbose: bool = True) -> None:
+                 register: bool = True, verbose: bool = True, store_dir=None, avg_fn: Optional[Callable] = None,
+                 multi_avg_fn: Optional[Callable] = None) -> None:
         if not args.enabled:
             raise ConfigError("swa_method: 'none' averages nothing; build no SWA object for such a run")
         refuse_lone_processes(accelerator)
@@ -105,7 +108,11 @@ class SWA:
         self.build_model = build_model or self._copy_of_model
         self.bn_loader = bn_loader or self._bn_loader_from_train_loader
         self.averager = WeightAverager(model, args.swa_method, self.placement, accelerator.process_index,
-                                       args.ema_decay, args.ema_warmup, args.ema_buffers, args.ema_decay_values())
+                                       args.ema_decay, args.ema_warmup, args.ema_buffers, args.ema_decay_values(),
+                                       args.ema_warmup_power, args.ema_warmup_gamma, args.ema_min_decay,
+                                       avg_fn=avg_fn, multi_avg_fn=multi_avg_fn)
+        self.store_plan = attach_store(self.averager, model, self.plan, args, store_dir, accelerator.process_index)
+        self.dropped = set(dropped_candidates(self.plan, self.store_plan))
         self.steps_done = 0  # real optimizer steps so far: the one count, which the LR phase reads
         self.lr_phase = None
         if args.swa_lr is not None:
@@ -119,10 +126,24 @@ class SWA:
 
     def _say_plan(self) -> None:
         lines = [launch_warning(self.accelerator), f"swa {plan_line(self.plan, self.args)}",
-                 *plan_warnings(self.plan, self.args), resume_order_warning(self.accelerator, self.train_loader)]
+                 *plan_warnings(self.plan, self.args), resume_order_warning(self.accelerator, self.train_loader),
+                 *self.store_lines()]
         if self.accelerator.is_main_process:
             for line in filter(None, lines):
                 print(line, flush=True)
+
+    def store_lines(self) -> list[str]:
+        """The store's plan, and what a disk budget dropped, for the run's console."""
+        if self.store_plan is None:
+            return []
+        cuts = self.store_plan.cut_steps
+        lines = [f"snapshot store: {len(cuts)} points (steps {cuts[0]} to {cuts[-1]}), folds after step "
+                 f"{self.store_plan.first_fold_after}; families: {', '.join(family_names(self.args)) or 'windows'}"]
+        if self.store_plan.dropped_steps:
+            lines.append(f"snapshot_disk_budget_mb: {self.args.snapshot_disk_budget_mb:g} MB keeps {len(cuts)} of "
+                         f"{len(cuts) + len(self.store_plan.dropped_steps)} points; dropped candidates: "
+                         f"{', '.join(sorted(self.dropped)) or 'none (no start fell on a dropped point)'}")
+        return lines
 
     def _copy_of_model(self) -> nn.Module:
         return copy.deepcopy(self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False))
@@ -175,15 +196,33 @@ class SWA:
         self.steps_done = global_step
         if self.lr_phase is not None:
             self.lr_phase.apply(global_step)  # the next step's rate, set now so that logs show it
-        # A candidate starting at step c averages the updates after step c: its copy is taken before them.
+        # A candidate starting at step c averages the updates after step c: its copy is taken before them (or it is
+        # the store's window from its point at c).
         for name, start in self.plan.candidates:
-            if start < global_step and name not in self.averager.starts:
+            if start < global_step and name not in self.averager.starts and name not in self.dropped:
                 with self.phase("candidate_starts"):
-                    self.averager.start_candidate(name)
-        if stepped and (self.plan.update_after_step(global_step)
-                        or (epoch_end and self.plan.update_at_epoch_end(global_step))):
+                    self.averager.start_candidate(name, self._store_point_at(start))
+        average = stepped and (self.plan.update_after_step(global_step)
+                               or (epoch_end and self.plan.update_at_epoch_end(global_step)))
+        fold = stepped and self.store_plan is not None and self.store_plan.fold_due(global_step, epoch_end)
+        if average or fold:
             with self.phase("averaging_updates"):
-                self.averager.update(self.model)
+                self.averager.update(self.model, average=average, store_step=global_step if fold else None)
+        if self.store_plan is not None and self.store_plan.cut_due(global_step):
+            with self.phase("store_points"):
+                self.averager.cut_store(self.model, global_step)
+
+    def _store_point_at(self, step: int) -> Optional[int]:
+        """The index of the store's point at `step`, where the store holds the candidate's window (None: a copy)."""
+        store = self.averager.store
+        if store is None or not store.points or store.points[-1].step != step:
+            return None
+        return store.points[-1].index
+
+    def reset_average(self) -> None:
+        """Restarts the average from the model's current weights (timm's `ModelEmaV3.set`): it then holds one update.
+        Candidates that began before are dropped; the snapshot store goes on."""
+        self.averager.reset_to(self.model)
 
     # ----- the averaged model ---------------------------------------------------------------
 
@@ -256,8 +295,8 @@ class SWA:
         """
         if self.averager.n_averaged == 0:
             return None, None
-        starts = dict(self.plan.candidates)
-        decays = {self.averager.ema_name(decay): decay for decay in self.averager.emas}
+        if self.averager.store is not None:
+            self.averager.store.finish()  # every point on disk, stale weight files gone
         best_module, scored, choice = None, [], None
         for name in self.averager.candidate_names():
             updates = self.averager.candidate_updates(name)
@@ -265,14 +304,47 @@ class SWA:
                 continue
             with self.average_in_model(full_bn_pass=True, candidate=name) as module:
                 metrics = evaluate(module)
-            start = starts.get(name, self.plan.swa_start_step)
-            scored.append(Candidate(name=name, kind="swa" if name in starts else "ema", start_step=start,
-                                    start_epoch=start / self.plan.steps_per_epoch, decay=decays.get(name),
-                                    n_averaged=updates, metrics=metrics))
+            scored.append(self._candidate_record(name, updates, metrics))
             choice = choose(scored, split, metric)  # (so far: keep this module only if it leads)
             if choice.chosen == name:
                 best_module = self.module_to_keep(module)
             del module
+        if self.args.soup and split is not None and len(scored) > 1:
+            soup_module = self._score_soup(scored, evaluate, split, metric)
+            choice = choose(scored, split, metric)
+            if choice.chosen == "soup":
+                best_module = soup_module
         if not self.placement.separate_module:  # the BN pass is seeded by the step: the export is what was scored
             best_module = self.export(choice.chosen)
         return choice, best_module
+
+    def _candidate_record(self, name: str, updates: int, metrics: dict) -> Candidate:
+        starts = dict(self.plan.candidates)
+        families = family_names(self.args)
+        decays = {self.averager.ema_name(decay): decay for decay in self.averager.emas}
+        start = starts.get(name, self.plan.swa_start_step)
+        if name in families and self.store_plan is not None:
+            start = self.store_plan.first_fold_after
+        kind, settings = ("swa", {}) if name in starts else ("ema", {}) if name in decays else families[name]
+        return Candidate(name=name, kind=kind, start_step=start, start_epoch=start / self.plan.steps_per_epoch,
+                         decay=decays.get(name), n_averaged=updates, metrics=metrics, settings=settings)
+
+    def _score_soup(self, scored: list[Candidate], evaluate, split: str, metric: str) -> Optional[nn.Module]:
+        """Adds the greedy soup of the scored candidates to `scored`; its module where it outlives its block."""
+        trial: dict = {}
+        self.averager.extra_candidates["soup"] = lambda: trial["tensors"]
+
+        def score(tensors):
+            trial["tensors"] = tensors
+            with self.average_in_model(full_bn_pass=True, candidate="soup") as module:
+                return evaluate(module)
+
+        ingredients, metrics, tensors = greedy_soup(scored, split, metric, self.averager.tensors_of, score)
+        trial["tensors"] = tensors
+        with self.average_in_model(full_bn_pass=True, candidate="soup") as module:
+            kept = self.module_to_keep(module)
+        scored.append(Candidate(name="soup", kind="soup", start_step=scored[0].start_step,
+                                start_epoch=scored[0].start_epoch, decay=None,
+                                n_averaged=sum(c.n_averaged for c in scored if c.name in ingredients),
+                                metrics=metrics, settings={"ingredients": ingredients}))
+        return kept

@@ -1,0 +1,203 @@
+"""The snapshot store inside `SWA` (issue 23), in a user's loop in this process: later starts as windows of the store
+(equal to the in-memory candidates, with no copy each), LAWA, post-hoc EMA, BEMA and the greedy soup scored as
+candidates; the store resumed through accelerate's checkpoints; a disk budget; a user's avg_fn/multi_avg_fn against
+torch's AveragedModel; reset; timm's EMA warmup."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, TensorDataset
+
+from swa_accel import SWA, ConfigError, SWAArguments
+from swa_accel.candidates import Choice
+
+EPOCHS = 6
+STORE = dict(snapshot_every="every_epoch", swa_start_candidates="every_epoch", lawa_ks="1,2", bema=True,
+             posthoc_ema_widths="0.05,0.1,0.2", soup=True)
+
+
+def setup(tmp_path=None, epochs=EPOCHS, **overrides):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    set_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(64, 4, generator=generator)
+    data = TensorDataset(inputs, (inputs[:, 0] + 0.5 * inputs[:, 1] > 0).long())
+    loader = DataLoader(data, batch_size=8, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    args = SWAArguments(**{"swa_start_epoch": 1, "swa_lr": 0.05, "swa_anneal_steps": 0, **overrides})
+    store_dir = None if tmp_path is None else tmp_path / "snapshots"
+    swa = SWA(accelerator, model, optimizer, loader, args, num_epochs=epochs, store_dir=store_dir, verbose=False)
+    return accelerator, model, optimizer, loader, swa
+
+
+def train(model, optimizer, loader, swa, epochs, after_step=None):
+    for _ in range(epochs):
+        for x, y in loader:
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            swa.step()
+            if after_step is not None:
+                after_step()
+
+
+def validation_of(loader):
+    def evaluate(module):
+        module.eval()
+        with torch.no_grad():
+            losses = [F.cross_entropy(module(x), y).item() for x, y in loader]
+        return {"validation": {"nll": sum(losses) / len(losses)}}
+
+    return evaluate
+
+
+def test_later_starts_are_windows_of_the_store_and_every_family_is_scored(tmp_path):
+    _, model, optimizer, loader, swa = setup(tmp_path, **STORE)
+    train(model, optimizer, loader, swa, EPOCHS)
+    # the later starts hold no copy in memory: they are windows of the store
+    assert [n for n, (_, copy_) in swa.averager.starts.items() if copy_ is not None] == []
+    assert sorted(swa.averager.store_starts) == [f"swa_from_epoch_{e}" for e in range(2, EPOCHS)]
+    # ... and equal the same candidates kept as copies, in a run without the store
+    _, model2, optimizer2, loader2, plain = setup(None, swa_start_candidates="every_epoch")
+    train(model2, optimizer2, loader2, plain, EPOCHS)
+    for epoch in range(1, EPOCHS):
+        name = f"swa_from_epoch_{epoch}"
+        ours, theirs = swa.averager.candidate_tensors(name), plain.averager.candidate_tensors(name)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+
+    choice, module = swa.score_candidates(validation_of(loader), "validation", "nll")
+    assert isinstance(choice, Choice) and module is not None
+    names = [c.name for c in choice.candidates]
+    assert names == [f"swa_from_epoch_{e}" for e in range(1, EPOCHS)] + [
+        "lawa_last_1", "lawa_last_2", "posthoc_ema_0.05", "posthoc_ema_0.1", "posthoc_ema_0.2", "bema", "soup"]
+    kinds = {c.name: c.kind for c in choice.candidates}
+    assert kinds["lawa_last_2"] == "lawa" and kinds["posthoc_ema_0.1"] == "posthoc_ema" and kinds["soup"] == "soup"
+    soup = next(c for c in choice.candidates if c.name == "soup")
+    best_single = min(c.metrics["validation"]["nll"] for c in choice.candidates if c.name != "soup")
+    assert soup.metrics["validation"]["nll"] <= best_single  # the soup starts as the best and only improves
+    assert soup.settings["ingredients"][0] == min(
+        (c for c in choice.candidates if c.name != "soup"), key=lambda c: c.metrics["validation"]["nll"]).name
+    # LAWA over 1 point is the last iterate
+    last = {k: v.detach() for k, v in model.named_parameters()}
+    lawa = swa.averager.candidate_tensors("lawa_last_1")
+    for key, value in last.items():
+        torch.testing.assert_close(lawa[key], value)
+
+
+def test_the_store_resumes_through_accelerates_checkpoints_bit_identically(tmp_path):
+    accelerator, model, optimizer, loader, swa = setup(tmp_path / "whole", **STORE)
+    train(model, optimizer, loader, swa, EPOCHS)
+    whole = {n: swa.averager.candidate_tensors(n) for n in swa.averager.candidate_names()}
+
+    accelerator, model, optimizer, loader, swa = setup(tmp_path / "split", **STORE)
+    train(model, optimizer, loader, swa, 3)
+    accelerator.save_state(str(tmp_path / "checkpoint"))
+    train(model, optimizer, loader, swa, 1)  # the interrupted run goes on a little
+    accelerator, model, optimizer, loader, swa = setup(tmp_path / "split", **STORE)
+    accelerator.load_state(str(tmp_path / "checkpoint"))
+    train(model, optimizer, loader, swa, EPOCHS - 3)
+    split = {n: swa.averager.candidate_tensors(n) for n in swa.averager.candidate_names()}
+    assert list(split) == list(whole)
+    for name in whole:
+        assert all(torch.equal(whole[name][k], split[name][k]) for k in whole[name]), name
+
+
+def test_a_disk_budget_thins_the_points_and_names_the_dropped_candidates(tmp_path, capsys):
+    floats = 4 * 16 + 16 + 16 * 2 + 16 * 2 + 2 + 16  # the averaged parameters
+    per_point = 4 * floats * 3  # a segment and two power EMAs
+    budget_mb = (per_point * 3 + 4 * floats * 2) / 2 ** 20  # 3 points and LAWA's 2 weights
+    _, model, optimizer, loader, swa = setup(tmp_path, snapshot_every="every_epoch",
+                                             swa_start_candidates="every_epoch", lawa_ks="2",
+                                             snapshot_disk_budget_mb=budget_mb)
+    assert swa.store_plan.cut_steps == (16, 32, 48) and swa.store_plan.dropped_steps == (24, 40)
+    assert swa.dropped == {"swa_from_epoch_3", "swa_from_epoch_5"}
+    assert any("dropped candidates: swa_from_epoch_3, swa_from_epoch_5" in line for line in swa.store_lines())
+    train(model, optimizer, loader, swa, EPOCHS)
+    assert "swa_from_epoch_3" not in swa.averager.candidate_names()
+    assert [p.step for p in swa.averager.store.points] == [16, 32, 48]
+    with pytest.raises(ConfigError, match="holds not even the last point"):
+        setup(tmp_path / "tiny", snapshot_every="every_epoch", snapshot_disk_budget_mb=1e-6)
+
+
+def test_the_store_needs_a_folder_and_its_options_need_the_store(tmp_path):
+    with pytest.raises(ConfigError, match="pass store_dir"):
+        setup(None, snapshot_every="every_epoch")
+    with pytest.raises(ConfigError, match="lawa_ks: built from the snapshot store"):
+        SWAArguments(lawa_ks="3")
+    with pytest.raises(ConfigError, match="snapshot_every: must be every_epoch"):
+        SWAArguments(snapshot_every="weekly")
+    with pytest.raises(ConfigError, match="two or more different widths"):
+        SWAArguments(snapshot_every="every_epoch", posthoc_ema_tracked="0.1")
+
+
+@pytest.mark.parametrize("form", ["avg_fn", "multi_avg_fn"])
+def test_a_users_averaging_function_matches_torchs_averaged_model(form):
+    # torch's own EMA functions, given as a custom averaging function, in both of torch's forms
+    fn = get_ema_avg_fn(0.9) if form == "avg_fn" else get_ema_multi_avg_fn(0.9)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    set_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,))), batch_size=8)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    reference = AveragedModel(copy.deepcopy(model), **{form: fn})
+    swa = SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_epoch=1, swa_update_every_steps=1),
+              num_epochs=3, verbose=False, **{form: fn})
+    averaged_steps = []
+
+    def follow():
+        if swa.plan.update_after_step(swa.steps_done):
+            reference.update_parameters(model)
+            averaged_steps.append(swa.steps_done)
+
+    train(model, optimizer, loader, swa, 3, after_step=follow)
+    assert len(averaged_steps) == swa.n_averaged == 16
+    ours = swa.averager.averaged
+    for name, value in reference.module.named_parameters():
+        torch.testing.assert_close(ours[name], value.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="not both"):
+        SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_epoch=1), num_epochs=3, verbose=False,
+            avg_fn=get_ema_avg_fn(0.9), multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+
+def test_reset_restarts_the_average_from_the_current_weights(tmp_path):
+    _, model, optimizer, loader, swa = setup(None, swa_update_every_steps=1, swa_start_candidates="every_epoch")
+    train(model, optimizer, loader, swa, 3)
+    swa.reset_average()
+    current = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert swa.n_averaged == 1 and swa.averager.starts == {}
+    for key, value in current.items():
+        assert torch.equal(swa.averager.averaged[key], value)
+    snapshots = [current]
+    for x, y in list(loader)[:3]:  # three more updates: the mean of the four
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        swa.step()
+        snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    for key in current:
+        torch.testing.assert_close(swa.averager.averaged[key], torch.stack([s[key] for s in snapshots]).mean(0))
+
+
+def test_timms_ema_warmup_decay():
+    # timm's ModelEmaV3.get_decay with use_warmup: 1 - (1 + step / gamma) ** -power, clamped to [min_decay, decay]
+    _, model, optimizer, loader, swa = setup(None, swa_method="ema", ema_decay=0.999, ema_warmup_power=0.75,
+                                             ema_warmup_gamma=2.0, ema_min_decay=0.1)
+    averager = swa.averager
+    for n, expected in ((0, 0.1), (1, 1 - 1.5 ** -0.75), (10, 1 - 6.0 ** -0.75), (10 ** 6, 0.999)):
+        averager.n_averaged = n
+        assert averager._decay() == pytest.approx(expected, rel=1e-12), n

@@ -106,7 +106,8 @@ def check_selection(count: int, validation_split: Optional[str], metric: str, me
     """Refuses, before training, a choice among `count` candidates that could not be made: no validation split to
     choose on, or a selection metric the task does not compute."""
     if count > 1 and validation_split is None:
-        raise ConfigError("swa_start_candidates: choosing among candidates needs a validation split; vision: set "
-                          "validation_fraction (or validation_split), text: an eval_split named validation")
+        raise ConfigError("swa_start_candidates: choosing among candidates (later starts, ema_decays, the snapshot "
+                          "store's families) needs a validation split; vision: set validation_fraction (or "
+                          "validation_split), text: an eval_split named validation")
     if count > 1 and metric not in metric_names:
         raise ConfigError(f"selection_metric: this recipe computes {', '.join(metric_names)}, not {metric!r}")

@@ -28,6 +28,8 @@ from .timeline import TrainingPlan
 def family_names(args: SWAArguments) -> dict[str, tuple[str, dict]]:
     """Every store family's candidate name -> (kind, its settings), in report order."""
     families: dict[str, tuple[str, dict]] = {}
+    if not args.store_enabled:
+        return families
     for k in args.lawa_ks or ():
         families[f"lawa_last_{k}"] = ("lawa", {"k": k})
     if args.posthoc_ema_tracked:

@@ -132,6 +132,12 @@ class SWA:
             for line in filter(None, lines):
                 print(line, flush=True)
 
+    def candidate_count(self) -> int:
+        """How many candidates the end scores: the SWA starts the store kept, side EMAs, the store's families and
+        the soup."""
+        return (len(self.plan.candidates) - len(self.dropped) + len(self.args.ema_decay_values())
+                + len(family_names(self.args)) + int(self.args.soup))
+
     def store_lines(self) -> list[str]:
         """The store's plan, and what a disk budget dropped, for the run's console."""
         if self.store_plan is None:

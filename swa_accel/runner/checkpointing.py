@@ -123,7 +123,7 @@ def clear_previous_run(accelerator, output_dir: Path, resuming: bool, overwrite:
     `auto` found no checkpoint: what a run killed before its first checkpoint left (an incomplete save) is cleared;
     a finished run's final models are not.
     """
-    previous = [p for p in (output_dir / "checkpoints", output_dir / "final") if p.exists()]
+    previous = [p for p in (output_dir / "checkpoints", output_dir / "final", output_dir / "snapshots") if p.exists()]
     if resuming or not previous:
         return
     if auto and not overwrite:

@@ -83,9 +83,9 @@ class RecipeTrainer:
         if swa.enabled:
             self.averaging = SWA(accelerator, self.model, self.optimizer, self.train_loader, swa, plan=self.plan,
                                  build_model=task.build_model, bn_loader=self.bn_loader, seed=training.seed,
-                                 phase=self.clock.timed, verbose=False)
-            check_selection(len(self.plan.candidates) + len(swa.ema_decay_values()), task.validation_split,
-                            swa.selection_metric, task.metric_names)
+                                 phase=self.clock.timed, verbose=False, store_dir=self.output_dir / "snapshots")
+            check_selection(self.averaging.candidate_count(), task.validation_split, swa.selection_metric,
+                            task.metric_names)
         self.health = Health(accelerator, self.checkpoint_root, training.divergence_bound)
         self.signals = StopSignals(training.stop_signal)  # installed while `run` runs
         self.stop_signalled = False  # some rank got a stop signal, as every rank learned at a logging step
@@ -292,7 +292,8 @@ class RecipeTrainer:
             acc.end_training()
             return {}
         run_start = time.perf_counter()
-        for line in [plan_line(plan, self.swa), *plan_warnings(plan, self.swa)]:
+        store = self.averaging.store_lines() if self.averaging is not None else []
+        for line in [plan_line(plan, self.swa), *plan_warnings(plan, self.swa), *store]:
             say(acc, line)
         progress = tqdm(total=plan.total_steps, initial=self.state.global_step,
                         disable=not acc.is_local_main_process, desc="train")

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from .power_ema import gamma_of_sigma_rel, power_decay
-from .snapshot_files import BackgroundWriter, cpu_copy
+from .snapshot_files import BackgroundWriter
 
 INDEX = "store.json"
 
@@ -117,7 +117,9 @@ class SnapshotStore:
         self.bema_step: Optional[int] = None
         self.points: list[StorePoint] = []
         self._kept_at_checkpoint: set[int] = set()
-        self.writer = BackgroundWriter()
+        # At most two copies wait for the disk (each about the size of one average): the memory stays bounded
+        # when points come faster than the disk writes them, and the step waits only then.
+        self.writer = BackgroundWriter(max_pending_bytes=2 * 4 * sum(t.numel() for t in like.values()))
 
     # ----- during training -----------------------------------------------------------------
 
@@ -135,7 +137,7 @@ class SnapshotStore:
             if self.layout.bema_theta0_step is None:  # the first fold: theta_0 (to disk) and the EMA's start
                 self.layout.bema_theta0_step = step
                 theta0 = dict(zip(self.names, sources))
-                self.writer.submit(self.folder / file_name("bema-theta0", self.rank), cpu_copy(theta0))
+                self.writer.submit(self.folder / file_name("bema-theta0", self.rank), theta0)
                 torch._foreach_copy_(list(self.bema_ema.values()), sources)
             else:
                 torch._foreach_lerp_(list(self.bema_ema.values()), sources, moves * self.bema.ema_weight(step))
@@ -148,23 +150,28 @@ class SnapshotStore:
         point = StorePoint(index=index, step=step, folds=self.folds, count=self.segment_count,
                            weights=self.layout.keep_weights > 0)
         if self.segment is not None and self.segment_count > 0:
-            self.writer.submit(self.folder / file_name("segment", self.rank, index), cpu_copy(self.segment))
+            self.writer.submit(self.folder / file_name("segment", self.rank, index), self.segment)
         for i, ema in enumerate(self.power):
             if self.folds > 0:
-                self.writer.submit(self.folder / file_name(f"power{i}", self.rank, index), cpu_copy(ema))
+                self.writer.submit(self.folder / file_name(f"power{i}", self.rank, index), ema)
+        dropped: list[Path] = []
         if point.weights:
             self.writer.submit(self.folder / file_name("weights", self.rank, index),
-                               cpu_copy({n: weights[n] for n in self.names}))
+                               {n: weights[n] for n in self.names})
             stale = index - self.layout.keep_weights
             if stale >= 0 and self.points[stale].weights:
-                self.points[stale].weights = False  # (its file is removed once the index no longer names it)
+                self.points[stale].weights = False
+                if stale not in self._kept_at_checkpoint:  # (else at the next checkpoint, or at the end)
+                    dropped.append(self.folder / file_name("weights", self.rank, stale))
         if self.bema_ema is not None and self.layout.bema_theta0_step is not None:
-            self.writer.submit(self.folder / file_name("bema-ema", self.rank), cpu_copy(self.bema_ema))
+            self.writer.submit(self.folder / file_name("bema-ema", self.rank), self.bema_ema)
             self.layout.bema_step = self.bema_step
         self.points.append(point)
         self.segment_count = 0
         if self.rank == 0:
             self.writer.submit_json(self.folder / INDEX, self.index_record())
+        for path in dropped:  # (after the index that no longer names them)
+            self.writer.submit_delete(path)
         return point
 
     def index_record(self) -> dict:
@@ -205,8 +212,9 @@ class SnapshotStore:
 
     def load_state_dict(self, state: dict) -> None:
         saved = StoreLayout(**state["layout"])
+        # (More kept weights than this config asks for serve it too: the store goes on keeping that many.)
         if saved.sigma_rels != self.layout.sigma_rels or saved.bema != self.layout.bema \
-                or saved.keep_weights != self.layout.keep_weights:
+                or saved.keep_weights < self.layout.keep_weights:
             raise ValueError(f"snapshot store: the checkpoint's store tracks {asdict(saved)}, the config "
                              f"{asdict(self.layout)}; resume with the same store settings")
         self.layout = saved

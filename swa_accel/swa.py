@@ -111,6 +111,7 @@ class SWA:
                                        args.ema_decay, args.ema_warmup, args.ema_buffers, args.ema_decay_values(),
                                        args.ema_warmup_power, args.ema_warmup_gamma, args.ema_min_decay,
                                        avg_fn=avg_fn, multi_avg_fn=multi_avg_fn)
+        self.store_dir = store_dir
         self.store_plan = attach_store(self.averager, model, self.plan, args, store_dir, accelerator.process_index)
         self.dropped = set(dropped_candidates(self.plan, self.store_plan))
         self.steps_done = 0  # real optimizer steps so far: the one count, which the LR phase reads
@@ -217,6 +218,27 @@ class SWA:
         if self.store_plan is not None and self.store_plan.cut_due(global_step):
             with self.phase("store_points"):
                 self.averager.cut_store(self.model, global_step)
+
+    def start_candidates_from_store(self) -> None:
+        """After a finished run (the runner's `choose_from_store`): this config's later starts that the run did
+        not keep but that fall on the store's points become windows of it. Every rank reads the store's index
+        (store.json, written by rank 0), so that all name the same candidates."""
+        from .store_reader import StoreReader
+
+        if self.store_plan is None:
+            return
+        reader = StoreReader(self.store_dir)
+        at_start = reader.point_at_step(self.plan.swa_start_step)
+        folds_before = at_start.folds if at_start is not None else 0
+        starts, windows = dict(self.averager.starts), dict(self.averager.store_starts)
+        for name, step in self.plan.candidates[1:]:
+            point = reader.point_at_step(step)
+            if name not in starts and point is not None:
+                starts[name], windows[name] = (point.folds - folds_before, None), point.index
+        # (in the plan's order: the SWA start, then the later starts)
+        order = [name for name, _ in self.plan.candidates] + list(starts)
+        self.averager.starts = {name: starts[name] for name in dict.fromkeys(order) if name in starts}
+        self.averager.store_starts = windows
 
     def _store_point_at(self, step: int) -> Optional[int]:
         """The index of the store's point at `step`, where the store holds the candidate's window (None: a copy)."""

@@ -23,7 +23,10 @@ def test_default_job_swa_beats_the_last_iterate(tmp_path):
     assert final["swa"]["n_averaged"] == 30  # one average per epoch from epoch 10 of 40
     # One run, many averages: every second epoch from 10 to 38 is a candidate start, chosen on validation NLL.
     report = json.loads((tmp_path / "final" / "candidates.json").read_text())
-    assert [c["name"] for c in report["candidates"]] == [f"swa_from_epoch_{e}" for e in range(10, 40, 2)]
+    # The snapshot store's families follow: LAWA, post-hoc EMA at 5 widths, BEMA, then the greedy soup of them all.
+    widths = ("0.02", "0.05", "0.1", "0.15", "0.2")
+    assert [c["name"] for c in report["candidates"]] == [f"swa_from_epoch_{e}" for e in range(10, 40, 2)] + [
+        "lawa_last_1", "lawa_last_3", "lawa_last_5", *(f"posthoc_ema_{w}" for w in widths), "bema", "soup"]
     chosen = next(c for c in report["candidates"] if c["name"] == report["chosen"])
     assert chosen["metrics"]["validation"]["nll"] == min(c["metrics"]["validation"]["nll"]
                                                          for c in report["candidates"])

@@ -185,3 +185,28 @@ def test_a_failed_write_is_raised_at_the_next_wait(tmp_path):
     writer.submit(tmp_path / "x.safetensors", {"a": torch.ones(2)})
     writer.wait()
     assert torch.equal(read_tensors(tmp_path / "x.safetensors")["a"], torch.ones(2))
+
+
+def test_the_writer_keeps_at_most_its_bound_of_copies_waiting(tmp_path, monkeypatch):
+    import time
+
+    from swa_accel import snapshot_files
+
+    seen, written = [], []
+    real_write = snapshot_files.write_tensors
+
+    def slow_write(path, tensors):  # a disk slower than the points come
+        seen.append(writer._pending_bytes)
+        time.sleep(0.05)
+        real_write(path, tensors)
+        written.append(path.name)
+
+    monkeypatch.setattr(snapshot_files, "write_tensors", slow_write)
+    writer = BackgroundWriter(max_pending_bytes=2 * 4000)  # two files of 1000 fp32 numbers
+    for i in range(6):
+        writer.submit(tmp_path / f"f{i}.safetensors", {"a": torch.full((1000,), float(i))})
+        assert writer._pending_bytes <= 8000
+    writer.wait()
+    assert max(seen) <= 8000 and written == [f"f{i}.safetensors" for i in range(6)]
+    assert all(torch.equal(read_tensors(tmp_path / f"f{i}.safetensors")["a"], torch.full((1000,), float(i)))
+               for i in range(6))

@@ -68,6 +68,10 @@ class RunArguments:
     resume_from_checkpoint: Optional[str] = _help(
         "'latest', a checkpoint folder, or 'auto': the latest checkpoint when there is one, else a fresh start (one "
         "job script for the first start and every requeue or restart).", default=None)
+    choose_from_store: bool = _help(
+        "Train nothing: the finished run in output_dir (its last checkpoint and snapshots/) has every candidate of "
+        "this config's store families and later starts scored on validation, and the chosen one exported into "
+        "output_dir/chosen (final/ stays as it was). See docs/every_average.md.", default=False)
     stop_after_step: Optional[int] = _help(
         "End this run right after this optimizer step, with a checkpoint, as a preemption would; "
         "continue later with --resume_from_checkpoint latest.", default=None)

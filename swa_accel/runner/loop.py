@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..averaging import clean_name
 from ..batches import forward_logits
 from ..candidates import Choice, check_selection
+from ..errors import ConfigError
 from .checkpointing import (TrainState, check_output_dir, checkpoint_name, clear_previous_run, list_checkpoints,
                             resolve_resume_path, restore, save_checkpoint)
 from .config import RunArguments, SWAArguments
@@ -56,7 +57,11 @@ class RecipeTrainer:
         check_output_dir(self.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         # Resolve the checkpoint before anything heavy, so a bad path fails fast.
-        self.resume_path = resolve_resume_path(training.resume_from_checkpoint, self.checkpoint_root)
+        if training.choose_from_store and not list_checkpoints(self.checkpoint_root):
+            raise ConfigError(f"choose_from_store: no checkpoint in {self.checkpoint_root}; the run to choose from "
+                              "needs its last checkpoint (checkpointing_steps) and its snapshot store")
+        self.resume_path = resolve_resume_path("latest" if training.choose_from_store else
+                                               training.resume_from_checkpoint, self.checkpoint_root)
         clear_previous_run(accelerator, self.output_dir, self.resume_path is not None, training.overwrite_output_dir,
                            auto=training.resume_from_checkpoint == "auto")
         self.xla = is_xla(accelerator)
@@ -285,6 +290,8 @@ class RecipeTrainer:
 
     def run_with_signals_noted(self) -> dict:
         acc, plan = self.accelerator, self.plan
+        if self.training.choose_from_store:
+            return self.choose_from_store()
         if self.finished_before:
             if acc.is_main_process:
                 print(f"finished already: {self.output_dir}/final holds this run's models and results; nothing to do",
@@ -353,6 +360,30 @@ class RecipeTrainer:
         acc.end_training()
         self.exit_code = PREEMPTED_EXIT_CODE
         return {}
+
+    def choose_from_store(self) -> dict:
+        """`choose_from_store`: every candidate of the finished run scored again, the chosen one exported into
+        output_dir/chosen; nothing of the run itself is rewritten."""
+        acc = self.accelerator
+        if self.state.global_step != self.plan.total_steps:
+            raise ConfigError(f"choose_from_store: the latest checkpoint is at step {self.state.global_step} of "
+                              f"{self.plan.total_steps}; finish the run first (--resume_from_checkpoint latest)")
+        if self.averaging is None or self.averaging.store_plan is None:
+            raise ConfigError("choose_from_store: this config keeps no snapshot store; pass the run's "
+                              "snapshot_every (and the families to build)")
+        self.averaging.start_candidates_from_store()
+        self.log = None  # (the run's metrics.jsonl stays as the run left it)
+        results, swa_module, choice = self.evaluate(final=True)
+        chosen_dir = self.output_dir / "chosen"
+        if acc.is_main_process:
+            if swa_module is not None:
+                self.save_model(swa_module, chosen_dir / "swa")
+            write_final_records(chosen_dir, results, choice, dict(self.clock.timings), None)
+            print_closing_table(results, choice)
+            print(f"chosen from the store: {chosen_dir / 'swa'}", flush=True)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return results
 
     def stop_requested(self) -> bool:
         return self.state.global_step == self.training.stop_after_step

@@ -1,0 +1,65 @@
+"""`--choose_from_store true` (issue 23): a finished run's snapshot store gives other later starts and other families
+after the fact, scored on validation and exported into output_dir/chosen, with nothing of the run rewritten."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.helpers.launch import ROOT, launch
+
+SCRIPT = ROOT / "recipes" / "vision" / "train.py"
+SMOKE = ROOT / "recipes" / "vision" / "configs" / "smoke.yaml"
+
+
+def args(out, *extra):
+    # digits, 5 epochs of 8 steps, averaging at each epoch end from epoch 1: 4 updates; a store point every epoch
+    return ["--config", str(SMOKE), "--output_dir", str(out), "--num_train_epochs", "5", "--validation_fraction",
+            "0.2", "--snapshot_every", "every_epoch", "--bema", "true", "--plot", "false", *extra]
+
+
+def by_name(report: dict) -> dict:
+    return {c["name"]: c for c in report["candidates"]}
+
+
+def assert_same_scores(a: dict, b: dict) -> None:
+    assert a["metrics"].keys() == b["metrics"].keys()
+    for split in a["metrics"]:
+        assert a["metrics"][split] == pytest.approx(b["metrics"][split], rel=1e-6), split
+
+
+def test_a_finished_runs_store_builds_other_starts_and_families_and_changes_nothing_of_the_run(tmp_path):
+    out = tmp_path / "run"
+    launch(SCRIPT, args(out, "--lawa_ks", "1,2"))
+    run_report = json.loads((out / "final" / "candidates.json").read_text())
+    untouched = {p: p.read_bytes() for p in [out / "metrics.jsonl", out / "config.yaml",
+                                             out / "final" / "candidates.json", out / "final" / "swa" /
+                                             "model.safetensors"]}
+    # After the fact: every later start (the run kept none), LAWA over 2 points only, another post-hoc EMA width.
+    result = launch(SCRIPT, args(out, "--lawa_ks", "2", "--swa_start_candidates", "every_epoch",
+                                 "--posthoc_ema_widths", "0.07", "--soup", "true", "--choose_from_store", "true"))
+    assert f"chosen from the store: {out / 'chosen' / 'swa'}" in result.stdout
+    chosen = json.loads((out / "chosen" / "candidates.json").read_text())
+    assert [c["name"] for c in chosen["candidates"]] == [
+        "swa_from_epoch_1", "swa_from_epoch_2", "swa_from_epoch_3", "swa_from_epoch_4", "lawa_last_2",
+        "posthoc_ema_0.07", "bema", "soup"]
+    new, old = by_name(chosen), by_name(run_report)
+    assert [new[f"swa_from_epoch_{e}"]["n_averaged"] for e in range(1, 5)] == [4, 3, 2, 1]
+    # What both scored is the same average with the same BN pass: the same scores.
+    for name in ("swa_from_epoch_1", "bema"):
+        assert_same_scores(new[name], old[name])
+    # The window of the last epoch's one update is the last point's weights: LAWA over one point, in the run.
+    assert_same_scores(new["swa_from_epoch_4"], old["lawa_last_1"])
+    # ... and LAWA over the last two points (epoch-end updates) is the window from epoch 3.
+    assert_same_scores(new["lawa_last_2"], new["swa_from_epoch_3"])
+    best = min(chosen["candidates"], key=lambda c: c["metrics"]["validation"]["nll"])
+    assert chosen["chosen"] == best["name"]
+    assert load_file(out / "chosen" / "swa" / "model.safetensors").keys() == \
+        load_file(out / "final" / "swa" / "model.safetensors").keys()
+    assert all(path.read_bytes() == content for path, content in untouched.items())
+
+
+def test_choosing_from_a_run_without_checkpoints_or_store_is_one_line(tmp_path):
+    result = launch(SCRIPT, args(tmp_path / "none", "--choose_from_store", "true"), check=False)
+    assert result.returncode == 1
+    assert "error: choose_from_store: no checkpoint in" in result.stderr

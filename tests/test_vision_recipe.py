@@ -232,7 +232,8 @@ def test_one_and_two_processes_give_the_same_candidates(runs):
 
 
 def test_the_test_split_cannot_change_the_choice(runs, cifar_dir, tmp_path):
-    """Same run, test labels shifted by one class: the validation scores and the choice stay bit-identical."""
+    """Same run, test labels shifted by one class: the validation scores, the choice and the exported weights stay
+    bit-identical."""
     import pyarrow.parquet as pq
 
     shifted = tmp_path / "shifted"
@@ -250,9 +251,13 @@ def test_the_test_split_cannot_change_the_choice(runs, cifar_dir, tmp_path):
     original = json.loads((runs["one"][0] / "final" / "candidates.json").read_text())
     again = json.loads((out / "final" / "candidates.json").read_text())
     assert again["chosen"] == original["chosen"]
-    for a, b in zip(original["candidates"], again["candidates"]):
+    for a, b in zip(original["candidates"], again["candidates"]):  # (the store's families and the soup too)
         assert a["metrics"]["validation"] == b["metrics"]["validation"]
         assert a["metrics"]["test"] != b["metrics"]["test"]  # the test split really changed
+    exported, exported_again = (load_file(folder / "final" / "swa" / "model.safetensors")
+                                for folder in (runs["one"][0], out))
+    assert exported.keys() == exported_again.keys()
+    assert all(torch.equal(exported[k], exported_again[k]) for k in exported)  # the same weights, bit for bit
 
 
 def test_the_sharded_placement_in_the_loop_matches_main_and_resumes(runs, cifar_dir, tmp_path):

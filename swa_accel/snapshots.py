@@ -164,6 +164,12 @@ class SnapshotStore:
                 if stale not in self._kept_at_checkpoint:  # (else at the next checkpoint, or at the end)
                     dropped.append(self.folder / file_name("weights", self.rank, stale))
         if self.bema_ema is not None and self.layout.bema_theta0_step is not None:
+            if self.bema_step != step:  # a point between folds: BEMA takes this point's weights as its last update,
+                # so that its EMA, its correction and the weights it is built from are of the same step
+                current = [weights[n].detach().to(device=self.device, dtype=torch.float32) for n in self.names]
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(self.bema_ema.values()), current, self.bema.ema_weight(step))
+                self.bema_step = step
             self.writer.submit(self.folder / file_name("bema-ema", self.rank), self.bema_ema)
             self.layout.bema_step = self.bema_step
         self.points.append(point)

@@ -210,3 +210,21 @@ def test_the_writer_keeps_at_most_its_bound_of_copies_waiting(tmp_path, monkeypa
     assert max(seen) <= 8000 and written == [f"f{i}.safetensors" for i in range(6)]
     assert all(torch.equal(read_tensors(tmp_path / f"f{i}.safetensors")["a"], torch.full((1000,), float(i)))
                for i in range(6))
+
+
+def test_bema_at_a_point_between_folds_is_built_from_that_points_weights(tmp_path):
+    # folds at steps 1 and 3, a point at step 4 (between folds): BEMA's last update is the point's own weights
+    walk = trajectory(4, seed=4)
+    settings = BEMASettings()
+    store = new_store(tmp_path, bema=settings, windows=False)
+    for step in (1, 3):
+        store.fold([walk[step - 1][n].float() for n in store.names], ONE, step)
+    store.cut(4, walk[3])
+    store.wait()
+    theta0, ema = walk[0], dict(walk[0])
+    for step in (3, 4):  # the fold after the first, then the point's update
+        beta = settings.ema_weight(step)
+        ema = {n: (1 - beta) * ema[n] + beta * walk[step - 1][n] for n in SHAPES}
+    alpha = settings.correction(4)
+    expected = {n: ema[n] + alpha * (walk[3][n] - theta0[n]) for n in SHAPES}
+    assert relative(StoreReader(tmp_path).bema(), expected) < 1e-6

@@ -11,6 +11,7 @@ float64 tensors here; the snapshots themselves are the store's (`snapshots.py`).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -21,6 +22,7 @@ def sigma_rel_of_gamma(gamma: float) -> float:
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
+@lru_cache(maxsize=None)
 def _widest_gamma() -> float:
     """The exponent of the widest profile: the width rises from 0 at gamma = -1 to this peak, then falls."""
     low, high = -1.0 + 1e-12, 1.0

@@ -8,6 +8,7 @@ and always at the last step, so that the store ends where training ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 from .arguments import SWAArguments, store_cadence
@@ -36,8 +37,8 @@ class StorePlan:
     def cut_due(self, step: int) -> bool:
         return step in self._cuts
 
-    @property
-    def _cuts(self) -> frozenset:
+    @cached_property
+    def _cuts(self) -> frozenset:  # (asked at every step: built once)
         return frozenset(self.cut_steps)
 
 

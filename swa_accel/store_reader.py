@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .power_ema import reconstruction_weights
+from .power_ema import gamma_of_sigma_rel, reconstruction_weights
 from .snapshot_files import read_tensors
 from .snapshots import INDEX, BEMASettings, StoreLayout, StorePoint, file_name
 
@@ -92,11 +92,9 @@ class StoreReader:
     def posthoc_ema_weights(self, sigma_rel: float, through: Optional[int] = None) -> list[tuple[Path, float]]:
         """The tracked power-EMA snapshots up to point `through` (default: the last) and their least-squares
         weights for the profile of width `sigma_rel` at that point's fold count."""
-        from .power_ema import gamma_of_sigma_rel
-
         through = len(self.points) - 1 if through is None else through
-        stored = [(p, i, gamma) for p in self.points[:through + 1] if p.folds > 0
-                  for i, gamma in enumerate(self.layout.gammas)]
+        gammas = self.layout.gammas  # (a bisection per tracked width: once, not per point)
+        stored = [(p, i, gamma) for p in self.points[:through + 1] if p.folds > 0 for i, gamma in enumerate(gammas)]
         if not stored:
             raise ValueError("posthoc_ema: the store tracks no power EMA (posthoc_ema_tracked)")
         weights = reconstruction_weights([p.folds for p, _, _ in stored], [g for _, _, g in stored],

@@ -324,7 +324,9 @@ class SWA:
         if self.averager.n_averaged == 0:
             return None, None
         if self.averager.store is not None:
-            self.averager.store.finish()  # every point on disk, stale weight files gone
+            # Every point on disk; stale weight files go, but not those the last checkpoint names (a run stopped
+            # before its final checkpoint resumes from that one), which the final checkpoint's save removes.
+            self.averager.store.drop_stale_weights()
         best_module, scored, choice = None, [], None
         for name in self.averager.candidate_names():
             updates = self.averager.candidate_updates(name)

@@ -7,6 +7,7 @@ line's form) or as lists are parsed once, here, into lists of floats.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -61,7 +62,9 @@ class SWAArguments:
     snapshot_every: Optional[str] = _help(
         "The snapshot store: every_epoch, every_N_epochs or every_N_steps, its points. At each it writes (in the "
         "background, into output_dir/snapshots) what any average is built from after the run: windows between any "
-        "two points, LAWA, post-hoc EMA of any width, BEMA. None: no store.", default=None)
+        "two points, LAWA, post-hoc EMA of any width, BEMA. None: no store. With swa_method none the run trains, "
+        "evaluates and exports as without SWA and only keeps the store, from its first step (choose_from_store "
+        "builds the averages later).", default=None)
     snapshot_from: str = _help(
         "Where the store begins: swa_start (its first fold is the first averaging update) or start (from the first "
         "step, at the averaging cadence: post-hoc EMA and LAWA of the whole run).", default="swa_start")
@@ -88,6 +91,10 @@ class SWAArguments:
         "process. sharded: every rank averages its own shards (FSDP2; under DDP each rank averages its replica).",
         default="auto")
     swa_offload_to_cpu: bool = _help("Keep the averaged copy in CPU memory.", default=False)
+    average_trainable_only: bool = _help(
+        "Average only the parameters that require grad (e.g. PEFT LoRA adapters over a frozen model): the average, "
+        "the store and each candidate then hold those alone, and every other weight and buffer of an averaged model "
+        "is the trained model's own.", default=False)
     bn_recompute_max_samples: Optional[int] = _help(
         "Training samples (all ranks together) of the BN recompute before an intermediate evaluation or "
         "checkpoint, drawn at random; precise-BN work finds 10^3 to 10^4 enough. The final export always uses "
@@ -182,13 +189,26 @@ class SWAArguments:
                                ("snapshot_disk_budget_mb", self.snapshot_disk_budget_mb)):
                 if used:
                     raise ConfigError(f"{name}: built from the snapshot store; set snapshot_every (e.g. every_epoch)")
-        elif self.swa_method != "swa" and self.enabled:
-            raise ConfigError(f"snapshot_every: the store keeps an SWA run's snapshots; swa_method is "
-                              f"{self.swa_method!r}")
+        elif self.swa_method == "ema":
+            raise ConfigError("snapshot_every: the store keeps the snapshots of an SWA run, or of a run without "
+                              "averaging (swa_method none); swa_method is 'ema'")
 
     @property
     def store_enabled(self) -> bool:
-        return self.enabled and self.snapshot_every is not None
+        return self.snapshot_every is not None
+
+    @property
+    def store_only(self) -> bool:
+        """A run that trains without averaging (swa_method none) and keeps the snapshot store, to choose from later."""
+        return not self.enabled and self.store_enabled
+
+    def store_only_view(self) -> "SWAArguments":
+        """What a store-only run records: the store of an SWA run from step 0 at the averaging cadence, with no SWA
+        learning rate (the run's own schedule is untouched). Its running mean is the store's widest window."""
+        view = copy.copy(self)  # (not dataclasses.replace: the lists are parsed already)
+        view.swa_method, view.swa_start_step, view.swa_start_epoch, view.swa_lr = "swa", 0, None, None
+        view.snapshot_from = "swa_start"
+        return view
 
     @property
     def enabled(self) -> bool:

@@ -32,10 +32,11 @@ def clean_name(name: str) -> str:
     return name
 
 
-def named_tensors(model: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
-    """Parameters (and optionally floating-point buffers) of `model` by wrapper-free name."""
-    tensors = {clean_name(n): p for n, p in model.named_parameters()}
-    if buffers:
+def named_tensors(model: nn.Module, buffers: bool, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Parameters (and optionally floating-point buffers) of `model` by wrapper-free name; with `trainable_only`,
+    only the parameters that require grad (and no buffer)."""
+    tensors = {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    if buffers and not trainable_only:
         tensors.update({clean_name(n): b for n, b in model.named_buffers() if b.is_floating_point()})
     return tensors
 

@@ -63,23 +63,30 @@ class Choice:
                 "selection_metric": self.selection_metric, "candidates": [asdict(c) for c in self.candidates]}
 
 
-def choose(candidates: list[Candidate], split: Optional[str], metric: str) -> Choice:
+def choose(candidates: list[Candidate], split: Optional[str], metric: str, higher: Optional[bool] = None) -> Choice:
     """The choice among scored candidates on `split` (None: no validation split, so only one candidate)."""
     if split is None:
         if len(candidates) != 1:
             raise ValueError("selection: choosing among candidates needs a validation split")
         return Choice(candidates, candidates[0].name, "the only candidate (no validation split)", None, metric)
-    best, reason = choose_candidate({c.name: c.metrics[split] for c in candidates}, metric)
+    best, reason = choose_candidate({c.name: c.metrics[split] for c in candidates}, metric, higher)
     return Choice(candidates, best, reason, split, metric)
 
 
-def choose_candidate(validation: dict[str, dict[str, float]], metric: str) -> tuple[str, str]:
+def higher_is_better(metric: str, higher: Optional[bool] = None) -> bool:
+    """`higher` where given (a metric of the caller's own, such as a Trainer's), else `SELECTION_METRICS`'s."""
+    return SELECTION_METRICS[metric] if higher is None else higher
+
+
+def choose_candidate(validation: dict[str, dict[str, float]], metric: str,
+                     higher: Optional[bool] = None) -> tuple[str, str]:
     """The best candidate by `metric` and a one-line reason.
 
     Args:
         validation: candidate name -> its metrics on the validation split, in candidate order (the SWA
             start first); ties go to the earlier candidate, i.e. the longer average.
-        metric: a key of `SELECTION_METRICS`.
+        metric: a key of `SELECTION_METRICS`, or any metric with `higher` given.
+        higher: whether a higher value of `metric` is better (None: `SELECTION_METRICS` says).
 
     Raises:
         ValueError: no candidate, or a candidate without the metric.
@@ -89,7 +96,7 @@ def choose_candidate(validation: dict[str, dict[str, float]], metric: str) -> tu
     missing = [name for name, values in validation.items() if metric not in values]
     if missing:
         raise ValueError(f"selection_metric: candidate {missing[0]!r} has no validation {metric!r}")
-    higher = SELECTION_METRICS[metric]
+    higher = higher_is_better(metric, higher)
     names = list(validation)
     best = max(names, key=lambda n: validation[n][metric]) if higher else min(names, key=lambda n: validation[n][metric])
     first = names[0]

@@ -30,6 +30,15 @@ What `add_swa` changes:
 - when training ends the average, BN recomputed over the whole training set, becomes the model's weights (as
   Lightning's weight averaging does), so `save_model`, `evaluate`, `from_pretrained` and `pipeline` all see it.
 
+Candidates and the snapshot store (`swa_start_candidates`, `ema_decays`, `snapshot_every` with its families, `soup`)
+work as in the recipes: the store writes into output_dir/snapshots and travels with each checkpoint's
+`swa_state.pt`. When training ends every candidate is swapped into the model and scored by the Trainer's own
+`evaluate()` on its `eval_dataset`, which must be a validation split (never the test set); the best by
+`metric_for_best_model` (with `greater_is_better`; default: the lowest eval loss) is installed, and
+output_dir/swa_candidates.json records all of them (`SWACallback.choice` holds the same). With `swa_method='none'`
+and `snapshot_every` the run trains, evaluates and ends as without SWA and keeps only the store:
+`callback.choose_and_install()` after `train()` then scores the store's averages and installs the best.
+
 `load_best_model_at_end=True` is refused: the final weights are the average, not a checkpoint's, and the
 Trainer's best checkpoint would be picked by comparing scores of the base model (before the SWA start) with
 scores of the average (after it). With `metric_for_best_model` alone, the run says from which step on its
@@ -39,6 +48,7 @@ evaluations score the average, and that the final weights are the average.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -48,11 +58,13 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .arguments import SWAArguments
+from .candidates import Choice
 from .errors import ConfigError
 from .swa import SWA
 from .timeline import TrainingPlan, plan_run
 
 STATE_FILE = "swa_state.pt"
+CANDIDATES_FILE = "swa_candidates.json"
 
 
 def trainer_plan(trainer, args: SWAArguments, train_dataloader) -> TrainingPlan:
@@ -95,6 +107,7 @@ class SWACallback(TrainerCallback):
         self.resume_from: Optional[str] = None  # the checkpoint folder `train` resumes from (set by the mixin)
         self.installed = False  # the average has become the model's weights
         self.rate_of_last_step = None  # the first param group's rate in the last optimizer step (float or tensor)
+        self.choice: Optional[Choice] = None  # the candidates scored when training ended, and the one installed
 
     # ----- training ------------------------------------------------------------------------
 
@@ -106,11 +119,15 @@ class SWACallback(TrainerCallback):
             self.swa.lr_phase.remove()  # (a second train() on the same optimizer: one rate phase at a time)
         plan = trainer_plan(trainer, self.args, train_dataloader)
         self.swa = SWA(trainer.accelerator, trainer.model_wrapped, optimizer, train_dataloader, self.args,
-                       plan=plan, seed=args.seed, register=False)
+                       plan=plan, seed=args.seed, register=False, store_dir=Path(args.output_dir) / "snapshots")
         if self.swa.placement.name != "main":
             raise ConfigError("swa_placement: with transformers.Trainer the average lives on the main process; "
                               "sharded (FSDP2) averages run in the recipes' Trainer")
-        if args.metric_for_best_model and trainer.accelerator.is_main_process:
+        if self.swa.candidate_count() > 1 and trainer.eval_dataset is None:
+            raise ConfigError("swa_start_candidates: add_swa chooses among candidates (later starts, ema_decays, the "
+                              "snapshot store's families) with the Trainer's evaluate() on its eval_dataset, a "
+                              "validation split; pass eval_dataset")
+        if args.metric_for_best_model and trainer.accelerator.is_main_process and not self.swa.store_only:
             print(f"swa: evaluations from optimizer step {first_update_step(plan)} on score the average, earlier ones "
                   f"the base model; best_metric ({args.metric_for_best_model}) compares both kinds; the final "
                   "weights are the average", flush=True)
@@ -132,9 +149,15 @@ class SWACallback(TrainerCallback):
         self.swa.after_step(state.global_step, epoch_end=epoch_end, stepped=stepped)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.install_average()
         if self.swa.lr_phase is not None:
             self.swa.lr_phase.remove()
+        if self.swa.store_only:  # (trained without SWA: the store waits for choose_and_install)
+            self.swa.finish_store()
+        elif self.swa.candidate_count() > 1:
+            self.choose_and_install()
+        else:
+            self.install_average()
+            self.swa.finish_store()
 
     def correct_logged_rate(self, logs: dict, global_step: int) -> None:
         """In the SWA phase the Trainer logs its scheduler's rate; the step used SWALR's, which goes in instead."""
@@ -169,18 +192,61 @@ class SWACallback(TrainerCallback):
 
     @property
     def averaging(self) -> bool:
-        """Whether an average exists and the model still holds the training weights (the average not installed)."""
-        return self.swa is not None and self.swa.averager.n_averaged > 0 and not self.installed
+        """Whether evaluations score the average: it exists, the model still holds the training weights (the average
+        not installed), and the run averages (not only the store)."""
+        return (self.swa is not None and self.swa.averager.n_averaged > 0 and not self.installed
+                and not self.swa.store_only)
 
-    def install_average(self) -> None:
-        """The average (BN recomputed over the whole training set) becomes the model's weights, for good."""
-        if not self.averaging:
+    def install_average(self, candidate: Optional[str] = None) -> None:
+        """The average or a candidate (BN recomputed over the whole training set) becomes the model's weights, for
+        good."""
+        if self.swa is None or self.swa.averager.n_averaged == 0 or self.installed:
             return
         model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
-        with self.swa.average_in_model(full_bn_pass=True) as module:
+        with self.swa.average_in_model(full_bn_pass=True, candidate=candidate) as module:
             state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
         model.load_state_dict(state)
         self.installed = True
+
+    def selection(self) -> tuple[str, bool]:
+        """The key of the Trainer's evaluate() that chooses, and whether higher is better: `metric_for_best_model`
+        and `greater_is_better`, else the lowest eval loss."""
+        args = self.trainer.args
+        metric = args.metric_for_best_model or "loss"
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        if args.metric_for_best_model and args.greater_is_better is not None:
+            return key, bool(args.greater_is_better)
+        return key, not key.endswith("loss")
+
+    def choose_and_install(self) -> Optional[Choice]:
+        """Scores every candidate (BN recomputed, swapped into the model) with the Trainer's evaluate() on its
+        eval_dataset, installs the best and writes output_dir/swa_candidates.json; every process calls it (the
+        callback does when training ends; after a store-only run, call it yourself). None before averaging."""
+        trainer = self.trainer
+        if self.swa is None or self.swa.averager.n_averaged == 0 or self.installed:
+            return None
+        if trainer.eval_dataset is None:
+            raise ConfigError("eval_dataset: choosing among the averages needs the Trainer's eval_dataset, a "
+                              "validation split")
+        key, higher = self.selection()
+
+        def evaluate(module):
+            trainer._swa_in_evaluation = True  # (the candidate is in the model already: no second swap)
+            try:
+                return {"validation": trainer.evaluate()}
+            finally:
+                trainer._swa_in_evaluation = False
+
+        self.choice, _ = self.swa.score_candidates(evaluate, "validation", key, higher, in_training_model=True)
+        self.install_average(self.choice.chosen)
+        if trainer.accelerator.is_main_process:
+            path = Path(trainer.args.output_dir) / CANDIDATES_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(json.dumps(self.choice.record(), indent=2), encoding="utf-8")
+            os.replace(temporary, path)
+            print(f"swa: installed {self.choice.chosen}: {self.choice.reason}; every candidate in {path}", flush=True)
+        return self.choice
 
 
 class SWATrainerMixin:
@@ -236,12 +302,9 @@ def with_swa(trainer_class: type) -> type:
 
 
 def refuse_unsupported(args: SWAArguments) -> None:
-    if not args.enabled:
-        raise ConfigError("swa_method: 'none' averages nothing; leave add_swa out instead")
-    if args.swa_start_candidates or args.ema_decays:
-        name = "swa_start_candidates" if args.swa_start_candidates else "ema_decays"
-        raise ConfigError(f"{name}: add_swa keeps one average; candidates and the choice among them run in the "
-                          "recipes' loop (swa_accel.runner.train)")
+    if not args.enabled and not args.store_only:
+        raise ConfigError("swa_method: 'none' averages nothing; leave add_swa out instead (or set snapshot_every to "
+                          "keep only the snapshot store)")
 
 
 def install_callback(trainer, args: SWAArguments) -> SWACallback:
@@ -256,8 +319,7 @@ def add_swa(trainer, args: SWAArguments) -> SWACallback:
     """Installs SWA in a built `transformers.Trainer` (or a subclass) before `train()`; returns its callback.
 
     Raises:
-        ConfigError: `swa_method` none, candidates or side EMAs (recipe features), `load_best_model_at_end`, or
-            SWA installed already.
+        ConfigError: `swa_method` none without a store, `load_best_model_at_end`, or SWA installed already.
     """
     refuse_unsupported(args)
     if getattr(trainer, "swa_callback", None) is not None:

@@ -63,15 +63,17 @@ class MainProcessPlacement:
     #: (The average is never swapped into the model behind the loop's back here.)
     active_swap = None
 
-    def __init__(self, device: torch.device, offload_to_cpu: bool = False) -> None:
+    def __init__(self, device: torch.device, offload_to_cpu: bool = False, trainable_only: bool = False) -> None:
         self.device = torch.device("cpu") if offload_to_cpu else device
+        self.trainable_only = trainable_only
 
     def holds_copy(self, process_index: int) -> bool:
         return process_index == 0
 
     def local_tensors(self, model: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
-        """The tensors this rank averages, by wrapper-free name: here the whole replica."""
-        return named_tensors(model, buffers)
+        """The tensors this rank averages, by wrapper-free name: here the whole replica (with `trainable_only`, the
+        parameters that require grad)."""
+        return named_tensors(model, buffers, self.trainable_only)
 
     def fill_module(self, averaged: Optional[dict[str, torch.Tensor]], module: nn.Module, num_processes: int) -> None:
         """Writes the averaged tensors into `module` on every rank (main's copy, broadcast to the others)."""

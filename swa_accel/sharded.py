@@ -86,8 +86,9 @@ class ShardedPlacement:
     #: `holding_average` yields the training model, which holds the average only inside the block.
     separate_module = False
 
-    def __init__(self, device: torch.device, offload_to_cpu: bool = False) -> None:
+    def __init__(self, device: torch.device, offload_to_cpu: bool = False, trainable_only: bool = False) -> None:
         self.device = torch.device("cpu") if offload_to_cpu else torch.device(device)
+        self.trainable_only = trainable_only
         self.active_swap: Optional[_Swap] = None  # set while `swapped_in` holds the average in the model
 
     def holds_copy(self, process_index: int) -> bool:
@@ -96,8 +97,9 @@ class ShardedPlacement:
     def local_tensors(self, model: nn.Module, buffers: bool) -> dict[str, torch.Tensor]:
         """The tensors this rank averages, by wrapper-free name: local shards of DTensors, replicas otherwise."""
         reshard_all(model)
-        tensors = {clean_name(n): local_shard(p) for n, p in model.named_parameters()}
-        if buffers:
+        tensors = {clean_name(n): local_shard(p) for n, p in model.named_parameters()
+                   if p.requires_grad or not self.trainable_only}
+        if buffers and not self.trainable_only:
             tensors.update({clean_name(n): local_shard(b) for n, b in model.named_buffers() if b.is_floating_point()})
         return tensors
 

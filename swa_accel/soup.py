@@ -11,8 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .arguments import SELECTION_METRICS
-from .candidates import Candidate
+from .candidates import Candidate, higher_is_better
 
 #: tensors_of(candidate name) -> its averaged tensors on this rank (None on a rank without the copy)
 TensorsOf = Callable[[str], Optional[dict[str, torch.Tensor]]]
@@ -20,14 +19,17 @@ TensorsOf = Callable[[str], Optional[dict[str, torch.Tensor]]]
 Score = Callable[[Optional[dict[str, torch.Tensor]]], dict[str, dict[str, float]]]
 
 
-def better(value: float, than: float, metric: str) -> bool:
-    return value > than if SELECTION_METRICS[metric] else value < than
+def better(value: float, than: float, higher: bool) -> bool:
+    return value > than if higher else value < than
 
 
-def greedy_soup(scored: list[Candidate], split: str, metric: str, tensors_of: TensorsOf,
-                score: Score) -> tuple[list[str], dict[str, dict[str, float]], Optional[dict[str, torch.Tensor]]]:
-    """The soup's ingredients (in the order they joined), its metrics and its tensors (None off the copy's rank)."""
-    ranked = sorted(scored, key=lambda c: c.metrics[split][metric], reverse=SELECTION_METRICS[metric])
+def greedy_soup(scored: list[Candidate], split: str, metric: str, tensors_of: TensorsOf, score: Score,
+                higher: Optional[bool] = None) -> tuple[list[str], dict[str, dict[str, float]],
+                                                        Optional[dict[str, torch.Tensor]]]:
+    """The soup's ingredients (in the order they joined), its metrics and its tensors (None off the copy's rank).
+    `higher`: whether a higher `metric` is better (None: `SELECTION_METRICS` says)."""
+    higher = higher_is_better(metric, higher)
+    ranked = sorted(scored, key=lambda c: c.metrics[split][metric], reverse=higher)
     first = ranked[0]
     total = _float64(tensors_of(first.name))
     ingredients, metrics = [first.name], first.metrics
@@ -36,7 +38,7 @@ def greedy_soup(scored: list[Candidate], split: str, metric: str, tensors_of: Te
         trial_total = None if total is None else {k: v + added[k].double() for k, v in total.items()}
         trial = _mean(trial_total, len(ingredients) + 1)
         trial_metrics = score(trial)
-        if better(trial_metrics[split][metric], metrics[split][metric], metric):
+        if better(trial_metrics[split][metric], metrics[split][metric], higher):
             ingredients.append(candidate.name)
             total, metrics = trial_total, trial_metrics
     return ingredients, metrics, _mean(total, len(ingredients))

@@ -71,6 +71,11 @@ class SWA:
         phase: see `Phase`.
         register: register with accelerate's checkpointing (off where the loop saves the state itself).
         verbose: print the plan line and the plan's warnings on the main process (the recipes print their own).
+        store_dir: where the snapshot store writes (`snapshot_every`); the recipes use output_dir/snapshots.
+            With `swa_method` none the object keeps only the store (`store_only`): it folds from step 1 at the
+            averaging cadence and leaves the learning rate alone; the average it holds is the store's widest
+            window, and the candidates are built from the store after training.
+        avg_fn, multi_avg_fn: a custom average, in the forms of torch's `AveragedModel`.
 
     Raises:
         ConfigError: the loader or optimizer is not what `accelerator.prepare` returned, the launcher started
@@ -85,8 +90,16 @@ class SWA:
                  bn_loader: Optional[BNLoader] = None, seed: int = 0, phase: Phase = _no_phase,
                  register: bool = True, verbose: bool = True, store_dir=None, avg_fn: Optional[Callable] = None,
                  multi_avg_fn: Optional[Callable] = None) -> None:
+        # A store-only run (swa_method none with snapshot_every) records the store as an SWA run from step 0 would,
+        # with no SWA learning rate; its loop evaluates and exports the trained model (see `store_only`).
+        self.store_only = args.store_only
+        if self.store_only:
+            args = args.store_only_view()
+            if plan is not None:  # (the loop's plan has no SWA start: the store's is step 0)
+                plan = plan_run(plan.steps_per_epoch, args, max_steps=plan.total_steps)
         if not args.enabled:
-            raise ConfigError("swa_method: 'none' averages nothing; build no SWA object for such a run")
+            raise ConfigError("swa_method: 'none' averages nothing; build no SWA object for such a run (or set "
+                              "snapshot_every to keep only the snapshot store)")
         refuse_lone_processes(accelerator)
         refuse_unprepared(train_loader, optimizer)
         self.accelerator, self.model, self.args = accelerator, model, args
@@ -104,7 +117,8 @@ class SWA:
         placement_type = ShardedPlacement if placement_name == "sharded" else MainProcessPlacement
         if build_model is None and placement_type is ShardedPlacement:
             raise ConfigError("build_model: a sharded average is exported into a fresh module; pass build_model")
-        self.placement = placement_type(accelerator.device, offload_to_cpu=args.swa_offload_to_cpu)
+        self.placement = placement_type(accelerator.device, offload_to_cpu=args.swa_offload_to_cpu,
+                                        trainable_only=args.average_trainable_only)
         self.build_model = build_model or self._copy_of_model
         self.bn_loader = bn_loader or self._bn_loader_from_train_loader
         self.averager = WeightAverager(model, args.swa_method, self.placement, accelerator.process_index,
@@ -126,8 +140,9 @@ class SWA:
             self._say_plan()
 
     def _say_plan(self) -> None:
-        lines = [launch_warning(self.accelerator), f"swa {plan_line(self.plan, self.args)}",
-                 *plan_warnings(self.plan, self.args), resume_order_warning(self.accelerator, self.train_loader),
+        plan = ["swa: none (the snapshot store only)"] if self.store_only else [
+            f"swa {plan_line(self.plan, self.args)}", *plan_warnings(self.plan, self.args)]
+        lines = [launch_warning(self.accelerator), *plan, resume_order_warning(self.accelerator, self.train_loader),
                  *self.store_lines()]
         if self.accelerator.is_main_process:
             for line in filter(None, lines):
@@ -247,6 +262,12 @@ class SWA:
             return None
         return store.points[-1].index
 
+    def finish_store(self) -> None:
+        """At the end of a run that scores no candidates (a store-only run): every point on disk, stale weight files
+        gone but those the last checkpoint names (the final checkpoint's save removes them)."""
+        if self.averager.store is not None:
+            self.averager.store.drop_stale_weights()
+
     def reset_average(self) -> None:
         """Restarts the average from the model's current weights (timm's `ModelEmaV3.set`): it then holds one update.
         Candidates that began before are dropped; the snapshot store goes on."""
@@ -314,12 +335,16 @@ class SWA:
 
     # ----- at the end ----------------------------------------------------------------------
 
-    def score_candidates(self, evaluate: Callable[[nn.Module], dict], split: Optional[str],
-                         metric: str) -> tuple[Optional[Choice], Optional[nn.Module]]:
+    def score_candidates(self, evaluate: Callable[[nn.Module], dict], split: Optional[str], metric: str,
+                         higher: Optional[bool] = None,
+                         in_training_model: bool = False) -> tuple[Optional[Choice], Optional[nn.Module]]:
         """Scores every candidate average (full BN pass each) with `evaluate(module) -> {split: metrics}`: the
         choice on `split` and the chosen average's module (in shards: on the main process only).
 
         One candidate module exists at a time besides the best so far. (None, None) before averaging.
+        `higher`: whether a higher `metric` is better, for a metric outside `SELECTION_METRICS` (a Trainer's).
+        `in_training_model`: each candidate is swapped into the training model for `evaluate` (as
+        `transformers.Trainer` evaluates); no module is kept then: (choice, None).
         """
         if self.averager.n_averaged == 0:
             return None, None
@@ -332,18 +357,21 @@ class SWA:
             updates = self.averager.candidate_updates(name)
             if updates == 0:
                 continue
-            with self.average_in_model(full_bn_pass=True, candidate=name) as module:
+            with self.average_in_model(full_bn_pass=True, candidate=name,
+                                       in_training_model=in_training_model) as module:
                 metrics = evaluate(module)
             scored.append(self._candidate_record(name, updates, metrics))
-            choice = choose(scored, split, metric)  # (so far: keep this module only if it leads)
-            if choice.chosen == name:
+            choice = choose(scored, split, metric, higher)  # (so far: keep this module only if it leads)
+            if choice.chosen == name and not in_training_model:
                 best_module = self.module_to_keep(module)
             del module
         if self.args.soup and split is not None and len(scored) > 1:
-            soup_module = self._score_soup(scored, evaluate, split, metric)
-            choice = choose(scored, split, metric)
+            soup_module = self._score_soup(scored, evaluate, split, metric, higher, in_training_model)
+            choice = choose(scored, split, metric, higher)
             if choice.chosen == "soup":
                 best_module = soup_module
+        if in_training_model:
+            return choice, None
         if not self.placement.separate_module:  # the BN pass is seeded by the step: the export is what was scored
             best_module = self.export(choice.chosen)
         return choice, best_module
@@ -359,20 +387,25 @@ class SWA:
         return Candidate(name=name, kind=kind, start_step=start, start_epoch=start / self.plan.steps_per_epoch,
                          decay=decays.get(name), n_averaged=updates, metrics=metrics, settings=settings)
 
-    def _score_soup(self, scored: list[Candidate], evaluate, split: str, metric: str) -> Optional[nn.Module]:
-        """Adds the greedy soup of the scored candidates to `scored`; its module where it outlives its block."""
+    def _score_soup(self, scored: list[Candidate], evaluate, split: str, metric: str, higher: Optional[bool],
+                    in_training_model: bool) -> Optional[nn.Module]:
+        """Adds the greedy soup of the scored candidates to `scored`; its module where it outlives its block. The
+        soup stays a candidate ("soup"), holding the chosen ingredients' mean."""
         trial: dict = {}
         self.averager.extra_candidates["soup"] = lambda: trial["tensors"]
 
         def score(tensors):
             trial["tensors"] = tensors
-            with self.average_in_model(full_bn_pass=True, candidate="soup") as module:
+            with self.average_in_model(full_bn_pass=True, candidate="soup",
+                                       in_training_model=in_training_model) as module:
                 return evaluate(module)
 
-        ingredients, metrics, tensors = greedy_soup(scored, split, metric, self.averager.tensors_of, score)
+        ingredients, metrics, tensors = greedy_soup(scored, split, metric, self.averager.tensors_of, score, higher)
         trial["tensors"] = tensors
-        with self.average_in_model(full_bn_pass=True, candidate="soup") as module:
-            kept = self.module_to_keep(module)
+        kept = None
+        if not in_training_model:
+            with self.average_in_model(full_bn_pass=True, candidate="soup") as module:
+                kept = self.module_to_keep(module)
         scored.append(Candidate(name="soup", kind="soup", start_step=scored[0].start_step,
                                 start_epoch=scored[0].start_epoch, decay=None,
                                 n_averaged=sum(c.n_averaged for c in scored if c.name in ingredients),

@@ -63,3 +63,26 @@ def test_choosing_from_a_run_without_checkpoints_or_store_is_one_line(tmp_path):
     result = launch(SCRIPT, args(tmp_path / "none", "--choose_from_store", "true"), check=False)
     assert result.returncode == 1
     assert "error: choose_from_store: no checkpoint in" in result.stderr
+
+
+def test_a_run_without_swa_keeps_a_store_and_its_averages_are_chosen_after_the_fact(tmp_path):
+    out, plain = tmp_path / "run", ["--swa_method", "none", "--lawa_ks", "1,2", "--posthoc_ema_widths", "0.1"]
+    launch(SCRIPT, args(out, *plain))
+    # The run itself trains, evaluates and exports as without SWA ...
+    assert (out / "final" / "base" / "model.safetensors").is_file() and not (out / "final" / "swa").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {row["model"] for row in rows if "model" in row} == {"base"}
+    # ... and keeps the store from its first epoch on.
+    index = json.loads((out / "snapshots" / "store.json").read_text())
+    steps = [point["step"] for point in index["points"]]
+    assert len(steps) == 5 and steps == [steps[0] * e for e in range(1, 6)]
+
+    result = launch(SCRIPT, args(out, *plain, "--choose_from_store", "true"))
+    assert f"chosen from the store: {out / 'chosen' / 'swa'}" in result.stdout
+    chosen = json.loads((out / "chosen" / "candidates.json").read_text())
+    names = {c["name"]: c for c in chosen["candidates"]}
+    assert list(names) == ["swa_from_epoch_0", "lawa_last_1", "lawa_last_2", "posthoc_ema_0.1", "bema"]
+    assert names["swa_from_epoch_0"]["n_averaged"] == 5  # the whole run's epoch ends
+    best = min(chosen["candidates"], key=lambda c: c["metrics"]["validation"]["nll"])
+    assert chosen["chosen"] == best["name"]
+    assert (out / "chosen" / "swa" / "model.safetensors").is_file()

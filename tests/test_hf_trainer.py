@@ -125,16 +125,20 @@ def test_the_tiny_bert_in_hf_trainer_exports_an_average_that_pipeline_loads(tmp_
     assert labels <= {"negative", "positive"}
 
 
-def test_add_swa_refuses_what_it_would_silently_drop():
+def test_add_swa_refuses_what_it_would_silently_drop(tmp_path):
     from swa_accel import ConfigError, SWAArguments
     from swa_accel.hf_trainer import add_swa
 
-    with pytest.raises(ConfigError, match="^swa_start_candidates: add_swa keeps one average"):
-        add_swa(None, SWAArguments(swa_start_candidates="every_epoch"))
-    with pytest.raises(ConfigError, match="^ema_decays: add_swa keeps one average"):
-        add_swa(None, SWAArguments(ema_decays="0.9"))
     with pytest.raises(ConfigError, match="^swa_method: 'none' averages nothing"):
         add_swa(None, SWAArguments(swa_method="none"))
+    # Candidates are chosen on the Trainer's eval_dataset: without one, the run stops before its first step.
+    trainer = digits_trainer(tmp_path, 64, num_train_epochs=2)
+    trainer.eval_dataset = None
+    add_swa(trainer, SWAArguments(swa_start_epoch=0, swa_start_candidates="every_epoch"))
+    with pytest.raises(ConfigError, match="^swa_start_candidates: add_swa chooses among candidates .*; pass "
+                                          "eval_dataset$"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 # ----- the Trainer's own steps: gradient accumulation on 2 processes ------------------------------------------------
@@ -326,3 +330,96 @@ def test_trl_sft_trainer_with_add_swa_averages_a_tiny_llama(tmp_path):
     assert logged[4] == pytest.approx(0.05)
     for step in range(5, 13):
         assert logged[step] == pytest.approx(swa_phase_lr(step - 1, 4, 4, "cos", 0.05, 0.02), abs=1e-12), step
+
+
+# ----- candidates and the snapshot store through add_swa (one process, in this process) -----------------------------
+
+class StepWeights:
+    """A callback recording the parameters after every optimizer step."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Recorder(TrainerCallback):
+            def __init__(self):
+                self.after = {}
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                self.after[state.global_step] = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+
+        return Recorder()
+
+
+def assert_installed(trainer, tensors) -> None:
+    for name, value in trainer.model.named_parameters():
+        torch.testing.assert_close(value.detach(), tensors[name].to(value.dtype), rtol=0, atol=0)
+
+
+def test_add_swa_scores_every_candidate_and_store_family_on_the_eval_dataset_and_installs_the_best(tmp_path):
+    from transformers import set_seed
+
+    from swa_accel import SWAArguments
+    from swa_accel.hf_trainer import add_swa
+
+    set_seed(0)
+    # 320 samples of 32: 10 steps an epoch, 4 epochs; averaging every epoch end from epoch 1.
+    trainer = digits_trainer(tmp_path, 320, num_train_epochs=4, learning_rate=0.05, save_strategy="no",
+                             metric_for_best_model="loss")
+    callback = add_swa(trainer, SWAArguments(
+        swa_start_epoch=1, swa_lr="0.02", swa_start_candidates="every_epoch", ema_decays="0.5",
+        snapshot_every="every_epoch", lawa_ks="1,2", posthoc_ema_widths="0.1", bema=True, soup=True))
+    weights = StepWeights()
+    trainer.add_callback(weights)
+    trainer.train()
+
+    choice = callback.choice
+    names = [c.name for c in choice.candidates]
+    assert names == ["swa_from_epoch_1", "swa_from_epoch_2", "swa_from_epoch_3", "ema_0.5", "lawa_last_1",
+                     "lawa_last_2", "posthoc_ema_0.1", "bema", "soup"]
+    losses = {c.name: c.metrics["validation"]["eval_loss"] for c in choice.candidates}
+    assert choice.chosen == min(losses, key=losses.get) and choice.selection_metric == "eval_loss"
+    # The windows are what they say: the mean of the epoch-end weights from their start.
+    swa = callback.swa
+    for name, first in (("swa_from_epoch_1", 2), ("swa_from_epoch_3", 4), ("lawa_last_2", 3)):
+        built = swa.averager.candidate_tensors(name)
+        for key, value in built.items():
+            if key in weights.after[40]:
+                mean = torch.stack([weights.after[10 * e][key] for e in range(first, 5)]).mean(0)
+                torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-7)
+    # The chosen candidate is the model's now, and the Trainer's evaluate() reproduces its score.
+    assert callback.installed
+    assert_installed(trainer, swa.averager.candidate_tensors(choice.chosen))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(losses[choice.chosen], rel=1e-6)
+    record = json.loads((tmp_path / "swa_candidates.json").read_text())
+    assert record["chosen"] == choice.chosen and [c["name"] for c in record["candidates"]] == names
+    assert [p["step"] for p in json.loads((tmp_path / "snapshots" / "store.json").read_text())["points"]] == [
+        20, 30, 40]
+
+
+def test_add_swa_on_a_run_without_swa_keeps_the_store_and_chooses_after_training(tmp_path):
+    from transformers import set_seed
+
+    from swa_accel import SWAArguments
+    from swa_accel.hf_trainer import add_swa
+
+    set_seed(0)
+    trainer = digits_trainer(tmp_path, 320, num_train_epochs=3, learning_rate=0.05, save_strategy="no",
+                             lr_scheduler_type="constant")
+    callback = add_swa(trainer, SWAArguments(swa_method="none", swa_lr="0.5", snapshot_every="every_epoch",
+                                             lawa_ks="1", posthoc_ema_widths="0.1"))
+    weights = StepWeights()
+    trainer.add_callback(weights)
+    trainer.train()
+    # Trained as without SWA: the Trainer's own rate throughout, and its last weights stay the model's.
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [0.05] * len(trainer.optimizer.param_groups)
+    assert not callback.installed and callback.choice is None
+    assert_installed(trainer, {k: v.float() for k, v in weights.after[30].items()})
+
+    choice = callback.choose_and_install()
+    assert [c.name for c in choice.candidates] == ["swa_from_epoch_0", "lawa_last_1", "posthoc_ema_0.1"]
+    assert choice.candidates[0].n_averaged == 3  # every epoch end of the run
+    mean = {k: torch.stack([weights.after[s][k] for s in (10, 20, 30)]).mean(0) for k in weights.after[30]}
+    for name, value in callback.swa.averager.candidate_tensors("swa_from_epoch_0").items():
+        if name in mean:
+            torch.testing.assert_close(value.double(), mean[name], rtol=1e-6, atol=1e-7)
+    assert_installed(trainer, callback.swa.averager.candidate_tensors(choice.chosen))

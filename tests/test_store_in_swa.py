@@ -96,6 +96,34 @@ def test_later_starts_are_windows_of_the_store_and_every_family_is_scored(tmp_pa
         torch.testing.assert_close(lawa[key], value)
 
 
+def test_a_run_without_swa_keeps_only_the_store_and_every_candidate_is_built_from_it(tmp_path):
+    # swa_method none with snapshot_every: the optimizer's own rate throughout (swa_lr and swa_start_epoch of the
+    # setup are unused), and the store folds every epoch end from the first, so its windows start at epoch 0.
+    epoch_ends = []
+    _, model, optimizer, loader, swa = setup(tmp_path, swa_method="none", **STORE)
+    steps = len(loader)
+
+    def record():
+        if swa.steps_done % steps == 0:
+            epoch_ends.append({k: v.detach().double().clone() for k, v in model.named_parameters()})
+
+    train(model, optimizer, loader, swa, EPOCHS, after_step=record)
+    assert swa.store_only and swa.lr_phase is None
+    assert [group["lr"] for group in optimizer.param_groups] == [0.1]
+    assert [p.step for p in swa.averager.store.points] == [steps * e for e in range(1, EPOCHS + 1)]
+    assert swa.averager.candidate_names() == [f"swa_from_epoch_{e}" for e in range(EPOCHS)] + [
+        "lawa_last_1", "lawa_last_2", "posthoc_ema_0.05", "posthoc_ema_0.1", "posthoc_ema_0.2", "bema"]
+    for name, first in (("swa_from_epoch_0", 0), ("swa_from_epoch_4", 4), ("lawa_last_2", 4), ("lawa_last_1", 5)):
+        built = swa.averager.candidate_tensors(name)
+        for key, value in epoch_ends[-1].items():
+            mean = torch.stack([weights[key] for weights in epoch_ends[first:]]).mean(0)
+            torch.testing.assert_close(built[key].double(), mean, rtol=1e-6, atol=1e-7)
+    choice, module = swa.score_candidates(validation_of(loader), "validation", "nll")
+    assert [c.name for c in choice.candidates][-1] == "soup" and len(choice.candidates) == 13
+    best = min(choice.candidates, key=lambda c: c.metrics["validation"]["nll"])
+    assert choice.chosen == best.name and module is not None
+
+
 def test_the_store_resumes_through_accelerates_checkpoints_bit_identically(tmp_path):
     accelerator, model, optimizer, loader, swa = setup(tmp_path / "whole", **STORE)
     train(model, optimizer, loader, swa, EPOCHS)

@@ -85,7 +85,7 @@ class RecipeTrainer:
         accelerator.register_for_checkpointing(self.scheduler, self.state)
         self.clock = PhaseClock(self.xla)  # seconds (and under XLA, graphs and copies) per phase
         self.averaging: Optional[SWA] = None  # everything about the average, its LR phase included
-        if swa.enabled:
+        if swa.enabled or swa.store_only:  # (store only: the store is kept; the run trains as without SWA)
             self.averaging = SWA(accelerator, self.model, self.optimizer, self.train_loader, swa, plan=self.plan,
                                  build_model=task.build_model, bn_loader=self.bn_loader, seed=training.seed,
                                  phase=self.clock.timed, verbose=False, store_dir=self.output_dir / "snapshots")
@@ -150,13 +150,19 @@ class RecipeTrainer:
     @property
     def advice(self) -> str:
         """The end of a divergence line: the rate of the phase that diverged (console.py)."""
-        return divergence_advice(self.plan, self.training, self.swa if self.averaging is not None else None,
+        return divergence_advice(self.plan, self.training, self.swa if self.swa.enabled else None,
                                  self.state.global_step)
 
     def read_health(self, weights: bool, stop: float = 0.0) -> float:
         """The mean training loss since the last reset; raises `TrainingDiverged` if anything is not finite."""
         flag = self.averaging.averager.nonfinite_seen if self.averaging is not None else None
         return self.health.read(self.state.global_step, self.model if weights else None, flag, self.advice, stop)
+
+    @property
+    def scores_average(self) -> bool:
+        """Whether evaluations score the average: in an SWA run, and when choosing from a store-only run's store (which
+        otherwise trains, evaluates and exports as a run without SWA)."""
+        return self.averaging is not None and (self.swa.enabled or self.training.choose_from_store)
 
     def evaluate(self, final: bool = False) -> tuple[dict, Optional[nn.Module], Optional[Choice]]:
         """Evaluates the base model and, once averaging has begun, the averaged one; logs both.
@@ -171,13 +177,13 @@ class RecipeTrainer:
             results = {"base": {split: evaluate_model(base, loader, acc, self.metrics, self.input_dtype)
                                 for split, loader in self.eval_loaders.items()}}
         choice, swa_module = None, None
-        if final and self.averaging is not None:  # every candidate scored, the choice on the validation split
+        if final and self.scores_average:  # every candidate scored, the choice on the validation split
             choice, swa_module = self.averaging.score_candidates(self.evaluate_average, self.task.validation_split,
                                                                  self.swa.selection_metric)
             if choice is not None:
                 results["swa"] = choice.best.metrics
                 logger.info(f"chosen average: {choice.chosen}: {choice.reason}", main_process_only=True)
-        elif self.averaging is not None:
+        elif self.scores_average:
             with self.averaging.average_in_model() as module:
                 if module is not None:
                     results["swa"] = self.evaluate_average(module)
@@ -187,7 +193,7 @@ class RecipeTrainer:
                                      self.task.primary_metric))
         log_evaluation(self.log if acc.is_main_process else None, acc, results, choice, self.state.global_step,
                        self.state.epoch, self.optimizer.param_groups[0]["lr"],
-                       self.averaging.n_averaged if self.averaging else 0, final)
+                       self.averaging.n_averaged if self.scores_average else 0, final)
         return results, swa_module, choice
 
     def evaluate_average(self, module: nn.Module) -> dict[str, dict[str, float]]:
@@ -200,7 +206,7 @@ class RecipeTrainer:
     def checkpoint(self, swa_module: Optional[nn.Module]) -> None:
         """Saves the training state; once averaging has begun, also the BN-recomputed averaged model."""
         self.read_health(weights=True)  # a diverged state must never replace a good checkpoint
-        if self.averaging is not None:  # (sharded: the shards are in the checkpoint, no full model)
+        if self.scores_average:  # (sharded: the shards are in the checkpoint, no full model)
             swa_module = self.averaging.module_for_checkpoint(swa_module)
         self.health.check_average(swa_module, self.state.global_step, self.advice)
         writer = None
@@ -394,6 +400,8 @@ class RecipeTrainer:
         # The final/swa export is the very module evaluated here, so its logged metrics reproduce on reload.
         with self.clock.timed("final_evaluation"):  # includes scoring every candidate average
             results, swa_module, choice = self.evaluate(final=True)
+        if self.averaging is not None:
+            self.averaging.finish_store()
         if self.checkpoint_due(epoch_end=self.state.batches_in_epoch == 0):
             with self.clock.counted("checkpointing"):
                 self.checkpoint(swa_module)

@@ -79,29 +79,39 @@ def test_a_batchnorm_model_in_hf_trainer_averages_its_snapshots_recomputes_bn_an
     assert f"swa eval accuracy {reported['eval_accuracy']:.4f}; 3 snapshots averaged" in result.stdout
 
 
-def test_resume_through_trainer_restores_the_average_bit_identically(tmp_path):
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    args = ["--swa_update_every_steps", "5", "--save_steps", "50"]
-    run(whole, *args)
+RESUME_ARGS = ["--swa_update_every_steps", "5", "--save_steps", "50"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """The image task run to the end, a checkpoint every 50 steps."""
+    whole = tmp_path_factory.mktemp("whole") / "run"
+    run(whole, *RESUME_ARGS)
+    return whole
+
+
+def test_resume_through_trainer_restores_the_average_bit_identically(whole_run, tmp_path):
+    resumed = tmp_path / "resumed"
     # A run stopped after step 150 (averaging from step 114, every 5 steps: 7 updates): its checkpoint, resumed.
     resumed.mkdir()
-    shutil.copytree(whole / "checkpoint-150", resumed / "checkpoint-150")
+    shutil.copytree(whole_run / "checkpoint-150", resumed / "checkpoint-150")
     state = torch.load(resumed / "checkpoint-150" / "swa_state.pt", weights_only=True)
     assert state["swa"]["averager"]["n_averaged"] == 7 and state["swa"]["steps_done"] == 150
-    run(resumed, *args, "--resume_from_checkpoint", "latest")
-    ours, theirs = (load_file(p / "final" / "model.safetensors") for p in (resumed, whole))
+    run(resumed, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
+    ours, theirs = (load_file(p / "final" / "model.safetensors") for p in (resumed, whole_run))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_checkpoint_without_swa_state_is_refused_in_one_line(tmp_path):
+def test_a_checkpoint_without_swa_state_is_refused_in_one_line(whole_run, tmp_path):
     out = tmp_path / "run"
-    run(out, "--epochs", "1", "--swa_start_epoch", "0")
-    (out / "checkpoint-38" / "swa_state.pt").unlink()
-    result = launch(SCRIPT, ["--output_dir", str(out), "--epochs", "1", "--swa_start_epoch", "0",
-                             "--resume_from_checkpoint", str(out / "checkpoint-38")], check=False,
-                    env={"PYTHONPATH": str(ROOT)})
+    out.mkdir()
+    shutil.copytree(whole_run / "checkpoint-50", out / "checkpoint-50")
+    (out / "checkpoint-50" / "swa_state.pt").unlink()
+    result = launch(SCRIPT, ["--output_dir", str(out), *RESUME_ARGS, "--resume_from_checkpoint",
+                             str(out / "checkpoint-50")], check=False, env={"PYTHONPATH": str(ROOT)})
     assert result.returncode != 0
     assert "resume_from_checkpoint: " in result.stderr and "holds no swa_state.pt" in result.stderr
+    assert not (out / "final").exists() and not (out / "checkpoint-100").exists()  # (refused before any step)
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -117,6 +117,53 @@ def test_posthoc_ema_reconstructs_tracked_and_untracked_widths(tmp_path):
     assert relative(reader.posthoc_ema(0.10, through=5), tracked_power_ema(walk[:300], 0.10)) < 1e-5
 
 
+def module_with(shapes) -> torch.nn.Module:
+    """A module whose parameters are named as `shapes`' keys (zeros)."""
+    model = torch.nn.Module()
+    for name, shape in shapes.items():
+        module_name, param = name.split(".")
+        if not hasattr(model, module_name):
+            model.add_module(module_name, torch.nn.Module())
+        getattr(model, module_name).register_parameter(param, torch.nn.Parameter(torch.zeros(shape)))
+    return model
+
+
+def test_posthoc_ema_equals_ema_pytorchs_synthesis_on_the_same_snapshots(tmp_path):
+    from ema_pytorch import PostHocEMA
+    from ema_pytorch.post_hoc_ema import KarrasEMA
+
+    walk = trajectory(600, seed=3)
+    sigma_rels = (0.05, 0.10)
+    store = new_store(tmp_path / "store", sigma_rels=sigma_rels, windows=False)
+    drive(store, walk, cut_every=50)
+    reader = StoreReader(tmp_path / "store")
+    # The store's power-EMA snapshots as ema-pytorch's checkpoints ("<ema index>.<updates>.pt", a KarrasEMA's
+    # state dict in fp32), so that its PostHocEMA synthesizes from exactly these snapshots.
+    model = module_with(SHAPES)
+    template = KarrasEMA(model, sigma_rel=0.05, update_every=1).state_dict()
+
+    def ema_pytorch_reading(folder, points):
+        for point in points:
+            for index in range(len(sigma_rels)):
+                snapshot = read_tensors(tmp_path / "store" / f"power{index}-{point.index:05d}.rank0.safetensors")
+                state = dict(template, **{f"ema_model.{n}": snapshot[n] for n in SHAPES})
+                folder.mkdir(exist_ok=True)
+                torch.save(state, folder / f"{index}.{point.folds}.pt")
+        return PostHocEMA(model, sigma_rels=sigma_rels, update_every=1, checkpoint_every_num_steps="manual",
+                          checkpoint_folder=str(folder), checkpoint_dtype=torch.float32)
+
+    def synthesized(ema, sigma):
+        parameters = dict(ema.synthesize_ema_model(sigma_rel=sigma).ema_model.named_parameters())
+        return {n: parameters[n].detach() for n in SHAPES}
+
+    theirs = ema_pytorch_reading(tmp_path / "all", reader.points)
+    for sigma in (0.04, 0.07, 0.10, 0.15):
+        assert relative(reader.posthoc_ema(sigma), synthesized(theirs, sigma)) < 1e-5, sigma
+    # ... and at an earlier point (the 10th, after 500 updates), from the snapshots up to it
+    earlier = ema_pytorch_reading(tmp_path / "first_10", reader.points[:10])
+    assert relative(reader.posthoc_ema(0.07, through=9), synthesized(earlier, 0.07)) < 1e-5
+
+
 def test_bema_matches_trls_callback(tmp_path):
     from trl.trainer.callbacks import BEMACallback
 

@@ -73,6 +73,7 @@ def test_a_lora_models_adapters_alone_are_averaged_stored_and_saved_as_peft_expe
     for name in lora_names:
         torch.testing.assert_close(swa.averager.averaged[name].double(), mean[name], rtol=1e-6, atol=1e-7)
     # The store's files hold the adapters alone too, and its families are built from them.
+    swa.averager.store.wait()  # (written in the background)
     weights = load_file(tmp_path / "snapshots" / "weights-00001.rank0.safetensors")
     assert set(weights) == lora_names
     lawa = swa.averager.candidate_tensors("lawa_last_1")

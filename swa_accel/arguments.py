@@ -76,6 +76,10 @@ class SWAArguments:
     lawa_ks: Optional[str] = _help(
         "LAWA candidates from the store: the mean of the weights at the last k points, for each k ('1,3,5'); the "
         "store keeps the weights of the last max(k) points.", default=None)
+    store_windows: Optional[str] = _help(
+        "Windows of the store as candidates, in epochs: 'A-B' pairs such as '10-20,20-30', each the equal-weight "
+        "mean of the folds after epoch A through epoch B (B, and A unless it is at or before the store's start, on "
+        "store points). Named window_epochs_A_B.", default=None)
     bema: bool = _help("A BEMA candidate from the store (TRL's BEMACallback defaults; one fp32 copy).", default=False)
     soup: bool = _help(
         "A greedy soup (Wortsman et al. 2022) after scoring: the candidates in order of validation score, each "
@@ -182,10 +186,11 @@ class SWAArguments:
             if not all(k.is_integer() and k >= 1 for k in self.lawa_ks):
                 raise ConfigError(f"lawa_ks: each k must be a whole number >= 1, got {self.lawa_ks}")
             self.lawa_ks = [int(k) for k in self.lawa_ks]
+        self.store_windows = _windows(_none_word(self.store_windows))
         if self.snapshot_disk_budget_mb is not None and not self.snapshot_disk_budget_mb > 0:
             raise ConfigError(f"snapshot_disk_budget_mb: must be > 0, got {self.snapshot_disk_budget_mb}")
         if self.snapshot_every is None:
-            for name, used in (("lawa_ks", self.lawa_ks), ("bema", self.bema),
+            for name, used in (("lawa_ks", self.lawa_ks), ("bema", self.bema), ("store_windows", self.store_windows),
                                ("snapshot_disk_budget_mb", self.snapshot_disk_budget_mb)):
                 if used:
                     raise ConfigError(f"{name}: built from the snapshot store; set snapshot_every (e.g. every_epoch)")
@@ -256,6 +261,23 @@ def _comma_list(value: Any) -> Optional[list[str]]:
     words = value if isinstance(value, (list, tuple)) else str(value).split(",")
     words = [str(word).strip() for word in words if str(word).strip()]
     return words or None
+
+
+def _windows(value: Any) -> Optional[list[tuple[int, int]]]:
+    """`store_windows` as (A, B) epoch pairs, 0 <= A < B, from 'A-B' words (or pairs already parsed)."""
+    if value is not None and isinstance(value, (list, tuple)) and all(isinstance(w, (list, tuple)) for w in value):
+        value = [f"{a}-{b}" for a, b in value]
+    words = _comma_list(value)
+    if words is None:
+        return None
+    windows = []
+    for word in words:
+        match = re.fullmatch(r"(\d+)-(\d+)", word)
+        if match is None or int(match[1]) >= int(match[2]):
+            raise ConfigError(f"store_windows: each window is A-B in whole epochs with A < B (e.g. 10-20,20-30), got "
+                              f"{word!r}")
+        windows.append((int(match[1]), int(match[2])))
+    return windows
 
 
 def _floats(name: str, value: Any, expected: str) -> Optional[list[float]]:

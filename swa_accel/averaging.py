@@ -111,6 +111,7 @@ class WeightAverager:
         self.store: Optional[SnapshotStore] = None
         self.store_starts: dict[str, Optional[int]] = {}  # candidate -> the store point it starts after
         self.extra_candidates: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}  # the store's families
+        self.extra_counts: dict[str, Callable[[], int]] = {}  # a family's own update count (a window's folds)
         # Set on the device when an update met non-finite weights (and skipped them); never reset.
         self.nonfinite_seen = torch.zeros((), dtype=torch.bool, device=placement.device)
         self._bound_model: Optional[nn.Module] = None
@@ -294,6 +295,8 @@ class WeightAverager:
         """How many updates the candidate holds (0: it has not begun)."""
         if name in self.starts:
             return self.n_averaged - self.starts[name][0]
+        if name in self.extra_counts:
+            return self.extra_counts[name]()
         if name in self.extra_candidates:
             return self.store.folds if self.store is not None else self.n_averaged
         return self.n_averaged

@@ -130,9 +130,9 @@ class SnapshotStore:
         self.folds += 1
         if self.segment is not None:
             self.segment_count += 1
-            torch._foreach_lerp_(list(self.segment.values()), sources, moves * (1.0 / self.segment_count))
+            self._lerp(list(self.segment.values()), sources, moves * self._weight(1.0 / self.segment_count))
         for gamma, ema in zip(self._gammas, self.power):
-            torch._foreach_lerp_(list(ema.values()), sources, moves * (1.0 - power_decay(self.folds, gamma)))
+            self._lerp(list(ema.values()), sources, moves * self._weight(1.0 - power_decay(self.folds, gamma)))
         if self.bema_ema is not None:
             if self.layout.bema_theta0_step is None:  # the first fold: theta_0 (to disk) and the EMA's start
                 self.layout.bema_theta0_step = step
@@ -140,8 +140,22 @@ class SnapshotStore:
                 self.writer.submit(self.folder / file_name("bema-theta0", self.rank), theta0)
                 torch._foreach_copy_(list(self.bema_ema.values()), sources)
             else:
-                torch._foreach_lerp_(list(self.bema_ema.values()), sources, moves * self.bema.ema_weight(step))
+                self._lerp(list(self.bema_ema.values()), sources, moves * self._weight(self.bema.ema_weight(step)))
             self.bema_step = step
+
+    def _weight(self, value: float):
+        """A fold's weight as the graph should see it: on XLA a tensor of its own, as the averager's (a Python float
+        that changes at every fold would compile a new graph each time)."""
+        if self.device.type == "xla":
+            return torch.tensor(value, dtype=torch.float32, device=self.device)
+        return value
+
+    def _lerp(self, targets: list[torch.Tensor], sources: list[torch.Tensor], weight) -> None:
+        if self.device.type == "xla":  # (XLA reads a foreach lerp's tensor weight back to the host: pytorch/xla#7923)
+            for target, source in zip(targets, sources):
+                target.lerp_(source, weight)
+            return
+        torch._foreach_lerp_(targets, sources, weight)
 
     def cut(self, step: int, weights: dict[str, torch.Tensor]) -> StorePoint:
         """Ends a point after optimizer step `step`: hands its files to the writer and starts a new segment.
@@ -168,7 +182,7 @@ class SnapshotStore:
                 # so that its EMA, its correction and the weights it is built from are of the same step
                 current = [weights[n].detach().to(device=self.device, dtype=torch.float32) for n in self.names]
                 with torch.no_grad():
-                    torch._foreach_lerp_(list(self.bema_ema.values()), current, self.bema.ema_weight(step))
+                    self._lerp(list(self.bema_ema.values()), current, self._weight(self.bema.ema_weight(step)))
                 self.bema_step = step
             self.writer.submit(self.folder / file_name("bema-ema", self.rank), self.bema_ema)
             self.layout.bema_step = self.bema_step

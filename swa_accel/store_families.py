@@ -7,7 +7,8 @@ families with the averager as candidates, on every rank under the same names:
   (no copy each in memory; elsewhere they keep their copy);
 - `lawa_last_<k>`: LAWA, the mean of the weights at the last k points;
 - `posthoc_ema_<width>`: the power-function EMA of that sigma_rel, reconstructed (EDM2);
-- `bema`: BEMA.
+- `bema`: BEMA;
+- `window_epochs_<a>_<b>`: the equal-weight mean of the folds after epoch a through epoch b (`store_windows`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,35 @@ def family_names(args: SWAArguments) -> dict[str, tuple[str, dict]]:
             families[f"posthoc_ema_{width:g}"] = ("posthoc_ema", {"sigma_rel": width})
     if args.bema:
         families["bema"] = ("bema", {})
+    for first, last in args.store_windows or ():
+        families[window_name(first, last)] = ("window", {"after_epoch": first, "through_epoch": last})
     return families
+
+
+def window_name(first: int, last: int) -> str:
+    return f"window_epochs_{first}_{last}"
+
+
+def window_steps(plan: TrainingPlan, store_plan: StorePlan, first: int, last: int) -> tuple[Optional[int], int]:
+    """A window's ends in optimizer steps: (the point it starts after, None from the store's start; its last point).
+
+    Raises:
+        ConfigError: an end that is not a store point, or past the end of training.
+    """
+    spe = plan.steps_per_epoch
+    after, through = first * spe, last * spe
+    points = set(store_plan.cut_steps) | set(store_plan.dropped_steps)
+    epochs = ", ".join(f"{step / spe:g}" for step in sorted(points))
+    name = window_name(first, last)
+    if through > plan.total_steps or through not in points:
+        raise ConfigError(f"store_windows: {name} ends after epoch {last}, which is not a store point (points after "
+                          f"epochs {epochs}); choose ends on points or change snapshot_every")
+    if after <= store_plan.first_fold_after:
+        return None, through
+    if after not in points:
+        raise ConfigError(f"store_windows: {name} starts after epoch {first}, which is not a store point (points "
+                          f"after epochs {epochs}); choose ends on points or change snapshot_every")
+    return after, through
 
 
 def attach_store(averager: WeightAverager, model: nn.Module, plan: TrainingPlan, args: SWAArguments,
@@ -64,6 +93,12 @@ def attach_store(averager: WeightAverager, model: nn.Module, plan: TrainingPlan,
         averager.attach_store(store)
     device = averager.placement.device
     for name, (kind, settings) in family_names(args).items():
+        if kind == "window":
+            steps = window_steps(plan, store_plan, settings["after_epoch"], settings["through_epoch"])
+            settings = {**settings, "after_step": steps[0], "through_step": steps[1]}
+            if any(step in store_plan.dropped_steps for step in steps if step is not None):
+                continue  # (a disk budget thinned its point away: `dropped_candidates` names it)
+            averager.extra_counts[name] = _window_count(averager, settings)
         averager.extra_candidates[name] = _builder(averager, kind, settings, device)
     return store_plan
 
@@ -75,13 +110,45 @@ def _builder(averager: WeightAverager, kind: str, settings: dict, device):
             return reader.lawa(settings["k"], device=device)
         if kind == "posthoc_ema":
             return reader.posthoc_ema(settings["sigma_rel"], device=device)
+        if kind == "window":
+            after, through = _window_points(reader, settings)
+            return reader.window(after, through, device=device)
         return reader.bema(device=device)
 
     return build
 
 
-def dropped_candidates(plan: TrainingPlan, store_plan: Optional[StorePlan]) -> list[str]:
-    """The later SWA starts that a disk budget thinned away from the store's points."""
+def _window_points(reader, settings: dict) -> tuple[Optional[int], int]:
+    """A window's point indices in the store (which names its points by step)."""
+    after = settings["after_step"]
+    last = reader.point_at_step(settings["through_step"])
+    if last is None or (after is not None and reader.point_at_step(after) is None):
+        raise ValueError(f"snapshot store: no point at step {settings['through_step']} or {after}; the run ended "
+                         "before the window did")
+    return (None if after is None else reader.point_at_step(after).index), last.index
+
+
+def _window_count(averager: WeightAverager, settings: dict):
+    def count() -> int:
+        store = averager.store
+        points = {p.step: p for p in store.points} if store is not None else {}
+        last = points.get(settings["through_step"])
+        if last is None:
+            return 0  # (not reached yet)
+        after = settings["after_step"]
+        return last.folds - (points[after].folds if after is not None else 0)
+
+    return count
+
+
+def dropped_candidates(plan: TrainingPlan, store_plan: Optional[StorePlan], args: Optional[SWAArguments] = None
+                       ) -> list[str]:
+    """The later SWA starts (and `store_windows`) that a disk budget thinned away from the store's points."""
     if store_plan is None:
         return []
-    return [name for name, step in plan.candidates[1:] if step in store_plan.dropped_steps]
+    dropped = [name for name, step in plan.candidates[1:] if step in store_plan.dropped_steps]
+    spe = plan.steps_per_epoch
+    for first, last in (args.store_windows or ()) if args is not None else ():
+        if first * spe in store_plan.dropped_steps or last * spe in store_plan.dropped_steps:
+            dropped.append(window_name(first, last))
+    return dropped

@@ -127,7 +127,7 @@ class SWA:
                                        avg_fn=avg_fn, multi_avg_fn=multi_avg_fn)
         self.store_dir = store_dir
         self.store_plan = attach_store(self.averager, model, self.plan, args, store_dir, accelerator.process_index)
-        self.dropped = set(dropped_candidates(self.plan, self.store_plan))
+        self.dropped = set(dropped_candidates(self.plan, self.store_plan, args))
         self.steps_done = 0  # real optimizer steps so far: the one count, which the LR phase reads
         self.lr_phase = None
         if args.swa_lr is not None:
@@ -384,6 +384,9 @@ class SWA:
         if name in families and self.store_plan is not None:
             start = self.store_plan.first_fold_after
         kind, settings = ("swa", {}) if name in starts else ("ema", {}) if name in decays else families[name]
+        if kind == "window":
+            after = settings["after_epoch"] * self.plan.steps_per_epoch
+            start = max(after, self.store_plan.first_fold_after)
         return Candidate(name=name, kind=kind, start_step=start, start_epoch=start / self.plan.steps_per_epoch,
                          decay=decays.get(name), n_averaged=updates, metrics=metrics, settings=settings)
 

@@ -124,6 +124,38 @@ def test_a_run_without_swa_keeps_only_the_store_and_every_candidate_is_built_fro
     assert choice.chosen == best.name and module is not None
 
 
+def test_explicit_windows_are_candidates_and_their_ends_must_be_store_points(tmp_path):
+    epoch_ends = []
+    _, model, optimizer, loader, swa = setup(tmp_path, snapshot_every="every_epoch", store_windows="1-3,2-4,3-6")
+    steps = len(loader)
+
+    def record():
+        if swa.steps_done % steps == 0:
+            epoch_ends.append({k: v.detach().double().clone() for k, v in model.named_parameters()})
+
+    train(model, optimizer, loader, swa, EPOCHS, after_step=record)
+    assert swa.averager.candidate_names()[-3:] == ["window_epochs_1_3", "window_epochs_2_4", "window_epochs_3_6"]
+    for first, last in ((1, 3), (2, 4), (3, 6)):  # the folds after epoch `first` through epoch `last`
+        name = f"window_epochs_{first}_{last}"
+        assert swa.averager.candidate_updates(name) == last - first
+        built = swa.averager.candidate_tensors(name)
+        for key in epoch_ends[0]:
+            mean = torch.stack([weights[key] for weights in epoch_ends[first:last]]).mean(0)
+            torch.testing.assert_close(built[key].double(), mean, rtol=1e-6, atol=1e-7)
+    choice, _ = swa.score_candidates(validation_of(loader), "validation", "nll")
+    window = next(c for c in choice.candidates if c.name == "window_epochs_2_4")
+    assert (window.kind, window.start_epoch, window.n_averaged) == ("window", 2.0, 2)
+    assert window.settings["after_epoch"] == 2 and window.settings["through_epoch"] == 4
+
+    with pytest.raises(ConfigError, match=r"^store_windows: window_epochs_1_3 ends after epoch 3, which is not a "
+                                          r"store point \(points after epochs 2, 4, 6\)"):
+        setup(tmp_path / "off", snapshot_every="every_2_epochs", store_windows="1-3")
+    with pytest.raises(ConfigError, match=r"^store_windows: each window is A-B in whole epochs with A < B"):
+        SWAArguments(snapshot_every="every_epoch", store_windows="3-1")
+    with pytest.raises(ConfigError, match=r"^store_windows: built from the snapshot store"):
+        SWAArguments(store_windows="1-3")
+
+
 def test_the_store_resumes_through_accelerates_checkpoints_bit_identically(tmp_path):
     accelerator, model, optimizer, loader, swa = setup(tmp_path / "whole", **STORE)
     train(model, optimizer, loader, swa, EPOCHS)

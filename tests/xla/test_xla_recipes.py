@@ -27,10 +27,12 @@ from tests.helpers.xla_launch import counters, xla_launch
 VISION = ROOT / "recipes" / "vision" / "train.py"
 TEXT = ROOT / "recipes" / "text" / "train.py"
 # Digits, 256 rows, 20% held out for validation: 204 training rows, 6 steps of 32 per epoch (the last, short
-# batch dropped under XLA), 5 epochs; SWA from epoch 1, a later start every epoch, a side EMA.
+# batch dropped under XLA), 5 epochs; SWA from epoch 1, a later start every epoch, a side EMA, and the snapshot store
+# (a point every epoch: the later starts are its windows; LAWA, post-hoc EMA and BEMA).
+STORE_ARGS = ["--snapshot_every", "every_epoch", "--lawa_ks", "1,2", "--posthoc_ema_widths", "0.07,0.1", "--bema", "true"]
 VISION_ARGS = ["--config", str(ROOT / "recipes" / "vision" / "configs" / "smoke.yaml"), "--validation_fraction", "0.2",
                "--num_train_epochs", "5", "--swa_update_every_steps", "2", "--swa_start_candidates", "every_epoch",
-               "--ema_decays", "0.5", "--checkpointing_steps", "epoch", "--logging_steps", "4"]
+               "--ema_decays", "0.5", "--checkpointing_steps", "epoch", "--logging_steps", "4", *STORE_ARGS]
 # A 2-layer BERT, 128 rows padded to 32 tokens, 8 steps of 16 per epoch, 5 epochs; SWA from epoch 1 as well.
 TEXT_ARGS = ["--config", str(ROOT / "recipes" / "text" / "configs" / "smoke.yaml"), "--num_train_epochs", "5",
              "--swa_start_fraction", "0.2", "--swa_start_candidates", "every_epoch", "--ema_decays", "0.5",
@@ -68,6 +70,9 @@ def test_the_choice_reads_validation_among_every_candidate(runs):
     report = json.loads((out / "final" / "candidates.json").read_text())
     candidates = {c["name"]: c for c in report["candidates"]}
     assert [c["kind"] for c in candidates.values()].count("swa") >= 3 and "ema_0.5" in candidates
+    if name == "vision":  # (the store on XLA: its families, built from the files its points wrote)
+        assert {"lawa_last_1", "lawa_last_2", "posthoc_ema_0.07", "posthoc_ema_0.1", "bema"} <= set(candidates)
+        assert (out / "snapshots" / "store.json").is_file()
     assert report["selection_split"] == "validation"
     best = min(candidates, key=lambda n: candidates[n]["metrics"]["validation"]["nll"])
     assert report["chosen"] == best

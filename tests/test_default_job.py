@@ -17,7 +17,7 @@ DEFAULT = ROOT / "recipes" / "vision" / "configs" / "digits_small_cnn.yaml"
 def test_default_job_swa_beats_the_last_iterate(tmp_path):
     # The default config as run.sh runs it, except for checkpoints, which this test does not need.
     result = launch(SCRIPT, ["--config", str(DEFAULT), "--output_dir", str(tmp_path), "--checkpointing_steps", "None"],
-                    timeout=900)
+                    timeout=900, real_launcher=True)
     final = {r["model"]: r for r in read_metrics(tmp_path / "metrics.jsonl")
              if r.get("final") and r["split"] == "test"}
     assert final["swa"]["n_averaged"] == 30  # one average per epoch from epoch 10 of 40

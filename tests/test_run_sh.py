@@ -1,6 +1,7 @@
 """run.sh as a user calls it: a config copied anywhere runs through its `recipe:` key, quietly."""
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -31,6 +32,21 @@ def test_a_config_copied_elsewhere_runs_from_there_without_the_launcher_warning(
     assert (tmp_path / "out" / "final" / "swa" / "model.safetensors").is_file()
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["config"]["checkpointing_steps"] is None
     assert "were not passed to `accelerate launch`" not in result.stderr
+
+
+def test_the_tests_one_process_environment_is_what_the_real_launcher_gives(tmp_path):
+    # tests/helpers/launch.py runs one-process launches without the launcher, in ONE_CPU_PROCESS_ENV: it must be
+    # what `accelerate launch` with the CPU config gives the script (a new accelerate may set more).
+    from tests.helpers.launch import ONE_CPU_PROCESS_ENV, launch
+
+    script = tmp_path / "environment.py"
+    script.write_text("import json, os\nprint(json.dumps(dict(os.environ)))\n")
+    real = json.loads(launch(script, [], real_launcher=True).stdout.strip().splitlines()[-1])
+    direct = json.loads(launch(script, []).stdout.strip().splitlines()[-1])
+    names = {k for k in real if k.startswith(("ACCELERATE_", "OMP_", "MKL_", "PYTHON", "LOCAL_", "RANK", "WORLD_",
+                                              "MASTER_", "TORCH", "CUDA", "XLA"))}
+    assert {k: real[k] for k in names} == {k: direct.get(k) for k in names}
+    assert set(ONE_CPU_PROCESS_ENV) <= names
 
 
 def test_a_config_that_does_not_say_its_recipe_is_refused_in_one_line(tmp_path):

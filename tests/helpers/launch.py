@@ -18,21 +18,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: What `accelerate launch --config_file accelerate_configs/cpu.yaml` puts into its one process's environment
+#: (accelerate 1.15; `tests/test_run_sh.py` checks it against the real launcher). A one-process launch with that
+#: config runs the script directly in this environment: the launcher's own start-up (about 5.5 s of CPU, most of it
+#: importing torch) is then saved, and the script sees what it would see under the launcher.
+ONE_CPU_PROCESS_ENV = {
+    "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no",
+    "ACCELERATE_DYNAMO_BACKEND": "NO", "ACCELERATE_DYNAMO_MODE": "default", "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
+    "ACCELERATE_DYNAMO_USE_DYNAMIC": "False", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False",
+}  # (OMP_NUM_THREADS: the launcher keeps the 1 that `launch` sets)
+
+
 def launch(script: str | Path, args: list[str], num_processes: int = 1, timeout: int = 300,
            check: bool = True, launcher_args: tuple[str, ...] = (), config_file: Path | None = None,
-           env: dict | None = None) -> subprocess.CompletedProcess:
+           env: dict | None = None, real_launcher: bool = False) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file <cpu config> script args`, from the repo root.
 
     Each 2-process launch gets its own rendezvous port so that launches never collide. `config_file` replaces
-    the CPU config, `env` adds to the environment.
+    the CPU config, `env` adds to the environment. A one-process launch with the CPU config and no launcher
+    options runs the script in the environment the launcher gives it (`ONE_CPU_PROCESS_ENV`), unless
+    `real_launcher`; everything else goes through the real `accelerate launch`.
     """
-    accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--config_file", str(config_file or CONFIGS[num_processes])]
-    if num_processes > 1:
-        command += ["--main_process_port", str(free_port())]
-    command += [*launcher_args, str(script), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TQDM_DISABLE": "1", **(env or {})}
+    base = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "TQDM_DISABLE": "1"}
+    if num_processes == 1 and not launcher_args and config_file is None and not real_launcher:
+        command = [sys.executable, str(script), *args]
+        base.update(ONE_CPU_PROCESS_ENV)
+    else:
+        accelerate = Path(sys.executable).parent / "accelerate"
+        command = [str(accelerate), "launch", "--config_file", str(config_file or CONFIGS[num_processes])]
+        if num_processes > 1:
+            command += ["--main_process_port", str(free_port())]
+        command += [*launcher_args, str(script), *args]
+    env = {**base, **(env or {})}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

@@ -47,35 +47,61 @@ MORE_BAD_INPUT = [
 ]
 
 
+def file_cases(root):
+    """Refusals about the files a run is given: a YAML with an unknown key, a misspelled option, a missing config,
+    an output folder that is taken, and output folders that cannot be folders (made here, under `root`)."""
+    config = yaml.safe_load(SMOKE.read_text())
+    config["swa_learning_rate"] = 0.05
+    bad_yaml = root / "bad.yaml"
+    bad_yaml.write_text(yaml.safe_dump(config))
+    taken = root / "taken"
+    (taken / "checkpoints" / "step_00000099").mkdir(parents=True)
+    blocker = root / "a_file"
+    blocker.write_text("not a folder")
+    return {
+        "unknown_yaml_key": ["--config", str(bad_yaml)],
+        "misspelled_option": ["--config", str(SMOKE), "--swa_learnig_rate", "0.1"],
+        "missing_config": ["--config", str(root / "missing.yaml")],
+        "taken": ("cifar", taken, "--max_train_steps", "10"),
+        "output_is_a_file": ("cifar", blocker),
+        "output_under_a_file": ("cifar", blocker / "run"),
+    }
+
+
 @pytest.fixture(scope="module")
 def refusals(cifar_dir, tmp_path_factory):
-    """Every refused command line of BAD_CONFIGS and MORE_BAD_INPUT, run in one process (tests/workers/refusals.py):
-    (exit status, last stderr line, the output folder it was given)."""
+    """Every refused command line of BAD_CONFIGS, MORE_BAD_INPUT and `file_cases`, run in one process
+    (tests/workers/refusals.py): (exit status, last stderr line, the output folder it was given), and for the file
+    cases {name: (exit status, last stderr line)} and their folder."""
     root = tmp_path_factory.mktemp("refusals")
     cases = [common(cifar_dir, root / f"bad{i}") + extra for i, (extra, _) in enumerate(BAD_CONFIGS)]
     cases += [common(cifar_dir, root / f"more{i}") + extra for i, (extra, _) in enumerate(MORE_BAD_INPUT)]
+    files = file_cases(root)
+    cases += [common(cifar_dir, case[1], *case[2:]) if isinstance(case, tuple) else case for case in files.values()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "refusals.py"), json.dumps(cases)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(answers) == len(cases), result.stderr[-3000:]
-    return [(a["code"], a["last"], root / name) for a, name in zip(
-        answers, [f"bad{i}" for i in range(len(BAD_CONFIGS))] + [f"more{i}" for i in range(len(MORE_BAD_INPUT))])]
+    named = [root / f"bad{i}" for i in range(len(BAD_CONFIGS))] + [root / f"more{i}" for i in range(len(MORE_BAD_INPUT))]
+    by_case = [(a["code"], a["last"], out) for a, out in zip(answers, named)]
+    by_file = {name: (a["code"], a["last"]) for name, a in zip(files, answers[len(named):])}
+    return by_case, by_file, root
 
 
 @pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[field for _, field in BAD_CONFIGS])
 def test_bad_config_is_one_line_naming_the_field_before_training(refusals, case):
-    code, last, out = refusals[case]
+    code, last, out = refusals[0][case]
     field = BAD_CONFIGS[case][1]
     assert code == 1
     assert last.startswith("error: ") and field in last, last
     assert not out.exists()  # a refused run leaves no folder it created
 
 
-def test_a_fresh_run_never_overwrites_a_previous_one_unless_asked(cifar_dir, tmp_path):
-    out = tmp_path / "taken"
-    (out / "checkpoints" / "step_00000099").mkdir(parents=True)
-    code, last = run_bad(common(cifar_dir, out, "--max_train_steps", "10"))
+def test_a_fresh_run_never_overwrites_a_previous_one_unless_asked(refusals, cifar_dir):
+    _, by_file, root = refusals
+    out = root / "taken"
+    code, last = by_file["taken"]
     assert code == 1 and last.startswith("error: output_dir:") and "--overwrite_output_dir" in last, last
     assert (out / "checkpoints" / "step_00000099").is_dir()
     result = run_python(SCRIPT, common(cifar_dir, out, "--max_train_steps", "10",
@@ -84,16 +110,13 @@ def test_a_fresh_run_never_overwrites_a_previous_one_unless_asked(cifar_dir, tmp
     assert not (out / "checkpoints").exists() and (out / "final" / "swa" / "model.safetensors").is_file()
 
 
-def test_unknown_keys_in_yaml_and_on_the_command_line(cifar_dir, tmp_path):
-    config = yaml.safe_load(SMOKE.read_text())
-    config["swa_learning_rate"] = 0.05
-    bad_yaml = tmp_path / "bad.yaml"
-    bad_yaml.write_text(yaml.safe_dump(config))
-    code, last = run_bad(["--config", str(bad_yaml)])
+def test_unknown_keys_in_yaml_and_on_the_command_line(refusals):
+    by_file = refusals[1]
+    code, last = by_file["unknown_yaml_key"]
     assert code == 1 and last.startswith("error: swa_learning_rate: unknown key"), last
-    code, last = run_bad(["--config", str(SMOKE), "--swa_learnig_rate", "0.1"])
+    code, last = by_file["misspelled_option"]
     assert code == 1 and "swa_learnig_rate" in last, last
-    code, last = run_bad(["--config", str(tmp_path / "missing.yaml")])
+    code, last = by_file["missing_config"]
     assert code == 1 and last.startswith("error: config:"), last
 
 
@@ -118,11 +141,12 @@ def test_a_checkpoint_of_another_model_or_a_damaged_one_is_one_line_and_changes_
     assert checkpoint.is_dir()
 
 
-def test_an_output_dir_that_cannot_be_a_folder_is_one_line(cifar_dir, tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    for out, where in ((blocker, "it is a file"), (blocker / "run", f"'{blocker}' is a file")):
-        code, last = run_bad(common(cifar_dir, out))
+def test_an_output_dir_that_cannot_be_a_folder_is_one_line(refusals):
+    _, by_file, root = refusals
+    blocker = root / "a_file"
+    for case, out, where in (("output_is_a_file", blocker, "it is a file"),
+                             ("output_under_a_file", blocker / "run", f"'{blocker}' is a file")):
+        code, last = by_file[case]
         assert code == 1 and last == f"error: output_dir: '{out}' cannot be a folder: {where}; choose another " \
                                      "output_dir", last
     assert blocker.read_text() == "not a folder"
@@ -137,5 +161,5 @@ def test_the_traceback_variable_shows_the_whole_error(cifar_dir, tmp_path, monke
 
 @pytest.mark.parametrize("case", range(len(MORE_BAD_INPUT)), ids=[start for _, start in MORE_BAD_INPUT])
 def test_more_bad_input_found_by_trying_to_break_it(refusals, case):
-    code, last, _ = refusals[len(BAD_CONFIGS) + case]
+    code, last, _ = refusals[0][len(BAD_CONFIGS) + case]
     assert code == 1 and last.startswith(MORE_BAD_INPUT[case][1]), last

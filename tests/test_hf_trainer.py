@@ -166,7 +166,7 @@ def accumulation_runs(tmp_path_factory):
     result = launch(ROOT / "tests" / "workers" / "hf_trainer_steps.py", [str(out)], num_processes=2,
                     env={"PYTHONPATH": str(ROOT)})
     runs = {name: torch.load(out / f"{name}.pt", weights_only=True)
-            for name in ("per_step", "epoch_ends", "resumed", "max_steps")}
+            for name in ("per_step", "epoch_ends", "resumed", "max_steps", "candidates", "candidates_resumed")}
     return runs, out, result.stdout
 
 
@@ -433,3 +433,28 @@ def test_add_swa_on_a_run_without_swa_keeps_the_store_and_chooses_after_training
         if name in mean:
             torch.testing.assert_close(value.double(), mean[name], rtol=1e-6, atol=1e-7)
     assert_installed(trainer, callback.swa.averager.candidate_tensors(choice.chosen))
+
+
+def test_candidates_and_the_store_on_two_processes_with_accumulation_resume_to_the_same_choice(accumulation_runs):
+    runs, out, _ = accumulation_runs
+    whole, resumed = runs["candidates"], runs["candidates_resumed"]
+    assert whole["processes"] == 2
+    report = whole["choice"]
+    names = [c["name"] for c in report["candidates"]]
+    assert names == ["swa_from_epoch_1", "swa_from_epoch_2", "swa_from_epoch_3", "lawa_last_1", "posthoc_ema_0.1",
+                     "bema"]
+    losses = {c["name"]: c["metrics"]["validation"]["eval_loss"] for c in report["candidates"]}
+    assert report["chosen"] == min(losses, key=losses.get)
+    # Each later start is the mean of the weights at the epoch ends after it (the Trainer's epochs of 15 steps).
+    for epoch in (1, 2, 3):
+        window = whole["windows"][f"swa_from_epoch_{epoch}"]
+        for key, value in window.items():
+            if key in whole["weights"][60]:
+                mean = torch.stack([whole["weights"][15 * e][key] for e in range(epoch + 1, 5)]).mean(0)
+                torch.testing.assert_close(value, mean, rtol=1e-6, atol=1e-7)
+    # Resumed from checkpoint-30 in the run's folder: the same candidates, scores and choice, the same weights.
+    again = resumed["choice"]
+    assert again["chosen"] == report["chosen"]
+    assert [c["metrics"]["validation"]["eval_loss"] for c in again["candidates"]] == list(losses.values())
+    assert all(torch.equal(resumed["final"][k], whole["final"][k]) for k in whole["final"])
+    assert json.loads((out / "candidates" / "swa_candidates.json").read_text())["chosen"] == report["chosen"]

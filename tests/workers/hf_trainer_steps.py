@@ -12,7 +12,11 @@ Four runs, each saved on the main process as OUT/<run>.pt:
 - epoch_ends: 4 epochs, epoch cadence, a checkpoint and an evaluation every 15 steps (each an epoch's last),
   metric_for_best_model set;
 - resumed: epoch_ends again from a copy of its checkpoint-30 (the with_swa class this time, not add_swa);
-- max_steps: 50 optimizer steps, epoch cadence (its last epoch ends after 5 steps).
+- max_steps: 50 optimizer steps, epoch cadence (its last epoch ends after 5 steps);
+- candidates: epoch_ends with later starts and the snapshot store (LAWA, post-hoc EMA, BEMA), scored with the
+  Trainer's evaluate() when training ends, a checkpoint at every epoch end;
+- candidates_resumed: candidates again from its checkpoint-30, in a copy of its output folder (the store's files
+  included) from which the later checkpoints are gone, as after a preemption.
 """
 
 import shutil
@@ -70,12 +74,18 @@ def run(out: Path, name: str, swa_args: SWAArguments, resume=None, as_class=Fals
     trainer, callback, recorder = build(out / name, swa_args, as_class, **training)
     trainer.train(resume_from_checkpoint=resume)
     plan = callback.swa.plan
+    windows = {}
+    if callback.choice is not None:  # (the later starts' windows of the store, on the copy-holding rank)
+        windows = {c.name: callback.swa.averager.candidate_tensors(c.name) for c in callback.choice.candidates
+                   if c.kind == "swa"}
     if trainer.is_world_process_zero():
         final = {k: v.detach().double().clone() for k, v in trainer.model.named_parameters()}
         logged = [(row["step"], row["learning_rate"]) for row in trainer.state.log_history if "learning_rate" in row]
         torch.save({"processes": trainer.accelerator.num_processes, "rates": recorder.rates,
                     "weights": recorder.weights, "evaluations": recorder.evaluations, "logged": logged,
                     "final": final, "n_averaged": callback.swa.averager.n_averaged,
+                    "choice": callback.choice.record() if callback.choice is not None else None,
+                    "windows": {n: {k: v.double().clone() for k, v in w.items()} for n, w in windows.items()},
                     "plan": {"steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
                              "swa_start_step": plan.swa_start_step, "anneal_steps": plan.anneal_steps}},
                    out / f"{name}.pt")
@@ -94,6 +104,16 @@ def main(out: Path) -> None:
     torch.distributed.barrier()
     run(out, "resumed", epoch_ends, resume=True, as_class=True, **checkpoints)
     run(out, "max_steps", epoch_ends, max_steps=50)
+    candidates = SWAArguments(swa_start_epoch=1, swa_lr="0.02", swa_start_candidates="every_epoch",
+                              snapshot_every="every_epoch", lawa_ks="1", posthoc_ema_widths="0.1", bema=True)
+    by_epoch = dict(num_train_epochs=4, save_strategy="steps", save_steps=15, eval_strategy="no")
+    run(out, "candidates", candidates, **by_epoch)
+    if torch.distributed.get_rank() == 0:  # preempted after step 30: the later checkpoints are gone
+        shutil.copytree(out / "candidates", out / "candidates_resumed")
+        for later in ("checkpoint-45", "checkpoint-60"):
+            shutil.rmtree(out / "candidates_resumed" / later)
+    torch.distributed.barrier()
+    run(out, "candidates_resumed", candidates, resume=True, **by_epoch)
 
 
 if __name__ == "__main__":

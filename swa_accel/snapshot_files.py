@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .xla_sync import mark_step
+
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """`tensors` (CPU) at `path`, atomically."""
@@ -35,6 +37,8 @@ def read_tensors(path: Path, device: Optional[torch.device] = None) -> dict[str,
 
 def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies that the step may go on changing the originals under (fp32, on the CPU)."""
+    if any(t.device.type == "xla" for t in tensors.values()):
+        mark_step()  # (XLA: the pending trace runs first; a copy of a tensor still in it can fail in torch_xla 2.9)
     return {name: t.detach().to("cpu", dtype=torch.float32, copy=True) for name, t in tensors.items()}
 
 

@@ -115,6 +115,7 @@ class SnapshotStore:
         self.bema_ema = zeros() if bema is not None else None
         self.folds = 0
         self.bema_step: Optional[int] = None
+        self._theta0_pending: Optional[dict[str, torch.Tensor]] = None  # BEMA's theta_0, until it is handed over
         self.points: list[StorePoint] = []
         self._kept_at_checkpoint: set[int] = set()
         # At most two copies wait for the disk (each about the size of one average): the memory stays bounded
@@ -136,8 +137,9 @@ class SnapshotStore:
         if self.bema_ema is not None:
             if self.layout.bema_theta0_step is None:  # the first fold: theta_0 (to disk) and the EMA's start
                 self.layout.bema_theta0_step = step
-                theta0 = dict(zip(self.names, sources))
-                self.writer.submit(self.folder / file_name("bema-theta0", self.rank), theta0)
+                # (written at the next point or checkpoint: a fold never copies to the host, which on XLA would
+                # read the device in the middle of the averaging update)
+                self._theta0_pending = {n: s.clone() for n, s in zip(self.names, sources)}
                 torch._foreach_copy_(list(self.bema_ema.values()), sources)
             else:
                 self._lerp(list(self.bema_ema.values()), sources, moves * self._weight(self.bema.ema_weight(step)))
@@ -157,9 +159,15 @@ class SnapshotStore:
             return
         torch._foreach_lerp_(targets, sources, weight)
 
+    def _hand_over_theta0(self) -> None:
+        if self._theta0_pending is not None:
+            self.writer.submit(self.folder / file_name("bema-theta0", self.rank), self._theta0_pending)
+            self._theta0_pending = None
+
     def cut(self, step: int, weights: dict[str, torch.Tensor]) -> StorePoint:
         """Ends a point after optimizer step `step`: hands its files to the writer and starts a new segment.
         `weights`: the model's current weights by name (any dtype; copied to fp32 CPU)."""
+        self._hand_over_theta0()
         index = len(self.points)
         point = StorePoint(index=index, step=step, folds=self.folds, count=self.segment_count,
                            weights=self.layout.keep_weights > 0)
@@ -203,6 +211,7 @@ class SnapshotStore:
     def drop_stale_weights(self) -> None:
         """Removes the weight files that neither the points now nor the last checkpoint's points keep (a resume
         from that checkpoint finds its files), once the writer is done."""
+        self._hand_over_theta0()
         self.writer.wait()
         keep = self.kept_weights() | self._kept_at_checkpoint
         for point in self.points:
@@ -216,12 +225,14 @@ class SnapshotStore:
 
     def wait(self) -> None:
         """Everything handed to the writer is on disk (raises a write's error)."""
+        self._hand_over_theta0()
         self.writer.wait()
 
     # ----- checkpointing ---------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """The in-memory part; waits for the writer first, so the files it names exist."""
+        self._hand_over_theta0()
         self.drop_stale_weights()
         self._kept_at_checkpoint = self.kept_weights()
         cpu = lambda tensors: None if tensors is None else {k: v.cpu() for k, v in tensors.items()}

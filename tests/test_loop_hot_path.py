@@ -55,9 +55,10 @@ def test_a_compiled_model_trains_averages_exports_and_resumes(tmp_path):
         return ["--config", str(SMOKE), "--output_dir", str(out), "--swa_update_every_steps", "2",
                 "--checkpointing_steps", "5", *extra]
 
-    compile_flags = ("--dynamo_backend", "aot_eager")
+    # What `accelerate launch --dynamo_backend aot_eager` sets for the script (the launcher itself is tested elsewhere).
+    compiled = {"env": {"ACCELERATE_DYNAMO_BACKEND": "AOT_EAGER"}}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch(SCRIPT, args(straight), launcher_args=compile_flags)
+    launch(SCRIPT, args(straight), **compiled)
     resolved = yaml.safe_load((straight / "config.yaml").read_text())
     assert resolved["launch"]["compiled"] is True and resolved["launch"]["dynamo_backend"] == "aot_eager"
     for which in ("base", "swa"):
@@ -68,8 +69,8 @@ def test_a_compiled_model_trains_averages_exports_and_resumes(tmp_path):
     swa_final = next(r for r in read_metrics(straight / "metrics.jsonl") if r.get("final") and r["model"] == "swa")
     assert swa_final["n_averaged"] == 8 and swa_final["accuracy"] > 0.15
 
-    launch(SCRIPT, args(resumed, "--stop_after_step", "13"), launcher_args=compile_flags)
-    launch(SCRIPT, args(resumed, "--resume_from_checkpoint", "latest"), launcher_args=compile_flags)
+    launch(SCRIPT, args(resumed, "--stop_after_step", "13"), **compiled)
+    launch(SCRIPT, args(resumed, "--resume_from_checkpoint", "latest"), **compiled)
     assert_same_final_weights(straight, resumed)
 
 

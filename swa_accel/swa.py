@@ -236,24 +236,40 @@ class SWA:
 
     def start_candidates_from_store(self) -> None:
         """After a finished run (the runner's `choose_from_store`): this config's later starts that the run did
-        not keep but that fall on the store's points become windows of it. Every rank reads the store's index
-        (store.json, written by rank 0), so that all name the same candidates."""
+        not keep but that fall on the store's points become windows of it. The main process reads the store's index
+        (store.json, which rank 0 writes) and every rank gets what it found, so that all name the same candidates
+        without a shared filesystem."""
+        from accelerate.utils import broadcast_object_list
+
         from .store_reader import StoreReader
 
         if self.store_plan is None:
             return
-        reader = StoreReader(self.store_dir)
-        at_start = reader.point_at_step(self.plan.swa_start_step)
-        folds_before = at_start.folds if at_start is not None else 0
+        found = [None]
+        if self.accelerator.is_main_process:
+            found[0] = self._windows_in_store(StoreReader(self.store_dir))
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(found, from_process=0)
         starts, windows = dict(self.averager.starts), dict(self.averager.store_starts)
-        for name, step in self.plan.candidates[1:]:
-            point = reader.point_at_step(step)
-            if name not in starts and point is not None:
-                starts[name], windows[name] = (point.folds - folds_before, None), point.index
+        for name, (n_start, index) in found[0].items():
+            if name not in starts:
+                starts[name], windows[name] = (n_start, None), index
         # (in the plan's order: the SWA start, then the later starts)
         order = [name for name, _ in self.plan.candidates] + list(starts)
         self.averager.starts = {name: starts[name] for name in dict.fromkeys(order) if name in starts}
         self.averager.store_starts = windows
+
+    def _windows_in_store(self, reader) -> dict[str, tuple[int, int]]:
+        """The later starts that fall on the store's points: name -> (folds before it, counted from the SWA start;
+        the point's index)."""
+        at_start = reader.point_at_step(self.plan.swa_start_step)
+        folds_before = at_start.folds if at_start is not None else 0
+        found = {}
+        for name, step in self.plan.candidates[1:]:
+            point = reader.point_at_step(step)
+            if point is not None:
+                found[name] = (point.folds - folds_before, point.index)
+        return found
 
     def _store_point_at(self, step: int) -> Optional[int]:
         """The index of the store's point at `step`, where the store holds the candidate's window (None: a copy)."""

@@ -62,8 +62,10 @@ def test_outputs_exist_and_final_swa_reproduces_the_logged_metric(runs, cifar_di
                  "final/swa/config.json", "final/results.json", "final/candidates.json"):
         assert (out / path).is_file(), path
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints == ["step_00000012", "step_00000015"]  # total limit 2, newest kept
-    assert (out / "checkpoints" / "step_00000015" / "swa_model" / "model.safetensors").is_file()
+    # Every 3 steps, and the last (step 16): a run that keeps the store checkpoints where choose_from_store starts.
+    assert checkpoints == ["step_00000015", "step_00000016"]  # total limit 2, newest kept
+    for step in ("step_00000015", "step_00000016"):
+        assert (out / "checkpoints" / step / "swa_model" / "model.safetensors").is_file()
     assert "final evaluation" in result.stdout and "swa" in result.stdout
 
     records = read_metrics(out / "metrics.jsonl")
@@ -229,6 +231,21 @@ def test_one_and_two_processes_give_the_same_candidates(runs):
         return [(c["name"], c["n_averaged"], c["start_step"]) for c in report["candidates"]]
 
     assert summary("one") == summary("two")
+
+
+def test_choosing_from_the_store_on_two_processes_scores_what_the_run_scored(runs, cifar_dir, tmp_path):
+    # The 2-process run chosen again from its last checkpoint and store: the main process reads the store's index
+    # and hands what it found to the other rank, so both name the same candidates.
+    out = tmp_path / "two"
+    shutil.copytree(runs["two"][0], out)
+    result = launch(SCRIPT, common(cifar_dir, out, "--per_device_train_batch_size", "8", *CANDIDATES,
+                                   "--choose_from_store", "true"), num_processes=2)
+    assert f"chosen from the store: {out / 'chosen' / 'swa'}" in result.stdout
+    run, again = (json.loads((out / folder / "candidates.json").read_text()) for folder in ("final", "chosen"))
+    assert again["chosen"] == run["chosen"]
+    assert [c["name"] for c in again["candidates"]] == [c["name"] for c in run["candidates"]]
+    for a, b in zip(again["candidates"], run["candidates"]):
+        assert a["metrics"]["validation"] == pytest.approx(b["metrics"]["validation"], rel=1e-6), a["name"]
 
 
 def test_the_test_split_cannot_change_the_choice(runs, cifar_dir, tmp_path):

@@ -402,7 +402,11 @@ class RecipeTrainer:
             results, swa_module, choice = self.evaluate(final=True)
         if self.averaging is not None:
             self.averaging.finish_store()
-        if self.checkpoint_due(epoch_end=self.state.batches_in_epoch == 0):
+        # A run that keeps the snapshot store also checkpoints its last step (where it checkpoints at all): that is
+        # where --choose_from_store starts from.
+        keeps_store = self.averaging is not None and self.averaging.store_plan is not None
+        if self.checkpoint_due(epoch_end=self.state.batches_in_epoch == 0) or (
+                keeps_store and self.training.checkpointing_steps is not None):
             with self.clock.counted("checkpointing"):
                 self.checkpoint(swa_module)
         final_dir = self.output_dir / "final"

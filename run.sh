@@ -125,7 +125,8 @@ if [[ "${1:-}" == "test-xla" ]]; then
   ensure_xla_venv
   # XLA on the CPU (PJRT_DEVICE=CPU): the same lazy tensors, graphs and counters as on a TPU, with no TPU.
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PJRT_DEVICE=CPU
-  exec "$XLA_VENV/bin/python" -m pytest tests/xla "$@"
+  # Its files run side by side on two workers (each file's tests in one worker: the recipe runs are one fixture).
+  exec "$XLA_VENV/bin/python" -m pytest -n 2 --dist loadfile tests/xla "$@"
 fi
 ensure_venv
 

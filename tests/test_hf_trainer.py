@@ -300,20 +300,13 @@ def test_load_best_model_at_end_is_refused_in_one_line(tmp_path):
 
 def test_trl_sft_trainer_with_add_swa_averages_a_tiny_llama(tmp_path):
     from datasets import Dataset
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from swa_accel import SWAArguments
     from swa_accel.hf_trainer import add_swa
     from swa_accel.swa_lr import swa_phase_lr
     from tests.helpers.tiny_lm import sentences, tiny_llama, tiny_tokenizer
-
-    class Weights(TrainerCallback):
-        def __init__(self):
-            self.after = {}
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            self.after[state.global_step] = {k: v.detach().double().clone() for k, v in model.named_parameters()}
 
     set_seed(0)
     tokenizer = tiny_tokenizer()
@@ -324,7 +317,7 @@ def test_trl_sft_trainer_with_add_swa_averages_a_tiny_llama(tmp_path):
     trainer = SFTTrainer(model=tiny_llama(len(tokenizer)), args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_dict({"text": sentences(64)}))
     swa = add_swa(trainer, SWAArguments(swa_start_epoch=1, swa_update_every_steps=1, swa_lr="0.02"))
-    weights = Weights()
+    weights = step_weights()
     trainer.add_callback(weights)
     trainer.train()
 
@@ -344,20 +337,18 @@ def test_trl_sft_trainer_with_add_swa_averages_a_tiny_llama(tmp_path):
 
 # ----- candidates and the snapshot store through add_swa (one process, in this process) -----------------------------
 
-class StepWeights:
-    """A callback recording the parameters after every optimizer step."""
+def step_weights():
+    """A callback recording the parameters (float64) after every optimizer step, in `.after[global_step]`."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StepWeights(TrainerCallback):
+        def __init__(self):
+            self.after = {}
 
-        class Recorder(TrainerCallback):
-            def __init__(self):
-                self.after = {}
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.after[state.global_step] = {k: v.detach().double().clone() for k, v in model.named_parameters()}
 
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                self.after[state.global_step] = {k: v.detach().double().clone() for k, v in model.named_parameters()}
-
-        return Recorder()
+    return StepWeights()
 
 
 def assert_installed(trainer, tensors) -> None:
@@ -378,7 +369,7 @@ def test_add_swa_scores_every_candidate_and_store_family_on_the_eval_dataset_and
     callback = add_swa(trainer, SWAArguments(
         swa_start_epoch=1, swa_lr="0.02", swa_start_candidates="every_epoch", ema_decays="0.5",
         snapshot_every="every_epoch", lawa_ks="1,2", posthoc_ema_widths="0.1", bema=True, soup=True))
-    weights = StepWeights()
+    weights = step_weights()
     trainer.add_callback(weights)
     trainer.train()
 
@@ -417,7 +408,7 @@ def test_add_swa_on_a_run_without_swa_keeps_the_store_and_chooses_after_training
                              lr_scheduler_type="constant")
     callback = add_swa(trainer, SWAArguments(swa_method="none", swa_lr="0.5", snapshot_every="every_epoch",
                                              lawa_ks="1", posthoc_ema_widths="0.1"))
-    weights = StepWeights()
+    weights = step_weights()
     trainer.add_callback(weights)
     trainer.train()
     # Trained as without SWA: the Trainer's own rate throughout, and its last weights stay the model's.

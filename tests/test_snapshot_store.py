@@ -172,12 +172,7 @@ def test_bema_matches_trls_callback(tmp_path):
     store = new_store(tmp_path, bema=settings, windows=False)
     start = 5  # BEMA's burn-in (TRL's update_after): the store's first fold is at step 5, then one per step
     drive(store, walk[start:], cut_every=25, first_step=start)
-    model = torch.nn.Module()
-    for name, shape in SHAPES.items():
-        module_name, param = name.split(".")
-        if not hasattr(model, module_name):
-            model.add_module(module_name, torch.nn.Module())
-        getattr(model, module_name).register_parameter(param, torch.nn.Parameter(torch.zeros(shape)))
+    model = module_with(SHAPES)
     callback = BEMACallback(update_freq=1, update_after=start, ema_power=settings.ema_power,
                             bias_power=settings.bias_power, lag=int(settings.lag), multiplier=settings.multiplier)
     callback.running_model = types.SimpleNamespace(parameters=lambda: [torch.zeros(s) for s in SHAPES.values()])

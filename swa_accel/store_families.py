@@ -131,7 +131,9 @@ def _window_points(reader, settings: dict) -> tuple[Optional[int], int]:
 def _window_count(averager: WeightAverager, settings: dict):
     def count() -> int:
         store = averager.store
-        points = {p.step: p for p in store.points} if store is not None else {}
+        if store is None:  # (a rank without the copy: nonzero as for the other families, so every rank scores it)
+            return averager.n_averaged
+        points = {p.step: p for p in store.points}
         last = points.get(settings["through_step"])
         if last is None:
             return 0  # (not reached yet)

@@ -69,6 +69,12 @@ def window_steps(plan: TrainingPlan, store_plan: StorePlan, first: int, last: in
     return after, through
 
 
+def window_dropped(plan: TrainingPlan, store_plan: StorePlan, first: int, last: int) -> bool:
+    """Whether a disk budget thinned away a point that the window after epoch `first` through `last` ends on."""
+    return any(step in store_plan.dropped_steps for step in window_steps(plan, store_plan, first, last)
+               if step is not None)
+
+
 def attach_store(averager: WeightAverager, model: nn.Module, plan: TrainingPlan, args: SWAArguments,
                  store_dir, process_index: int) -> Optional[StorePlan]:
     """Builds the run's store (where `args` asks for one) and registers its families; the store's plan, or None.
@@ -94,10 +100,10 @@ def attach_store(averager: WeightAverager, model: nn.Module, plan: TrainingPlan,
     device = averager.placement.device
     for name, (kind, settings) in family_names(args).items():
         if kind == "window":
+            if window_dropped(plan, store_plan, settings["after_epoch"], settings["through_epoch"]):
+                continue  # (a disk budget thinned its point away: `dropped_candidates` names it)
             steps = window_steps(plan, store_plan, settings["after_epoch"], settings["through_epoch"])
             settings = {**settings, "after_step": steps[0], "through_step": steps[1]}
-            if any(step in store_plan.dropped_steps for step in steps if step is not None):
-                continue  # (a disk budget thinned its point away: `dropped_candidates` names it)
             averager.extra_counts[name] = _window_count(averager, settings)
         averager.extra_candidates[name] = _builder(averager, kind, settings, device)
     return store_plan
@@ -149,8 +155,7 @@ def dropped_candidates(plan: TrainingPlan, store_plan: Optional[StorePlan], args
     if store_plan is None:
         return []
     dropped = [name for name, step in plan.candidates[1:] if step in store_plan.dropped_steps]
-    spe = plan.steps_per_epoch
     for first, last in (args.store_windows or ()) if args is not None else ():
-        if first * spe in store_plan.dropped_steps or last * spe in store_plan.dropped_steps:
+        if window_dropped(plan, store_plan, first, last):
             dropped.append(window_name(first, last))
     return dropped

@@ -382,10 +382,12 @@ class SWA:
                 best_module = self.module_to_keep(module)
             del module
         if self.args.soup and split is not None and len(scored) > 1:
-            soup_module = self._score_soup(scored, evaluate, split, metric, higher, in_training_model)
+            self._score_soup(scored, evaluate, split, metric, higher, in_training_model)
             choice = choose(scored, split, metric, higher)
-            if choice.chosen == "soup":
-                best_module = soup_module
+            if choice.chosen == "soup" and not in_training_model and self.placement.separate_module:
+                # (the trials' modules are gone: the chosen soup's is built again; elsewhere `export` builds it)
+                with self.average_in_model(full_bn_pass=True, candidate="soup") as module:
+                    best_module = self.module_to_keep(module)
         if in_training_model:
             return choice, None
         if not self.placement.separate_module:  # the BN pass is seeded by the step: the export is what was scored
@@ -407,9 +409,9 @@ class SWA:
                          decay=decays.get(name), n_averaged=updates, metrics=metrics, settings=settings)
 
     def _score_soup(self, scored: list[Candidate], evaluate, split: str, metric: str, higher: Optional[bool],
-                    in_training_model: bool) -> Optional[nn.Module]:
-        """Adds the greedy soup of the scored candidates to `scored`; its module where it outlives its block. The
-        soup stays a candidate ("soup"), holding the chosen ingredients' mean."""
+                    in_training_model: bool) -> None:
+        """Adds the greedy soup of the scored candidates to `scored`. The soup stays a candidate ("soup"), holding
+        the chosen ingredients' mean."""
         trial: dict = {}
         self.averager.extra_candidates["soup"] = lambda: trial["tensors"]
 
@@ -421,12 +423,7 @@ class SWA:
 
         ingredients, metrics, tensors = greedy_soup(scored, split, metric, self.averager.tensors_of, score, higher)
         trial["tensors"] = tensors
-        kept = None
-        if not in_training_model:
-            with self.average_in_model(full_bn_pass=True, candidate="soup") as module:
-                kept = self.module_to_keep(module)
         scored.append(Candidate(name="soup", kind="soup", start_step=scored[0].start_step,
                                 start_epoch=scored[0].start_epoch, decay=None,
                                 n_averaged=sum(c.n_averaged for c in scored if c.name in ingredients),
                                 metrics=metrics, settings={"ingredients": ingredients}))
-        return kept

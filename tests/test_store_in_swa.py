@@ -96,6 +96,30 @@ def test_later_starts_are_windows_of_the_store_and_every_family_is_scored(tmp_pa
         torch.testing.assert_close(lawa[key], value)
 
 
+def test_a_chosen_soup_is_the_module_returned_the_mean_of_its_ingredients(tmp_path):
+    # A validation "loss" that is the distance to the midpoint of two post-hoc EMAs: the soup of the two is exact.
+    _, model, optimizer, loader, swa = setup(tmp_path, **STORE)
+    train(model, optimizer, loader, swa, EPOCHS)
+    ends = [swa.averager.candidate_tensors(name) for name in ("posthoc_ema_0.05", "posthoc_ema_0.1")]
+    target = {k: (ends[0][k].double() + ends[1][k].double()) / 2 for k, _ in model.named_parameters()}
+
+    def distance(module):
+        params = dict(module.named_parameters())
+        return {"validation": {"nll": sum((params[k].double() - t).square().sum().item() for k, t in target.items())}}
+
+    choice, module = swa.score_candidates(distance, "validation", "nll")
+    soup = next(c for c in choice.candidates if c.name == "soup")
+    assert choice.chosen == "soup" and sorted(soup.settings["ingredients"]) == ["posthoc_ema_0.05", "posthoc_ema_0.1"]
+    assert soup.metrics["validation"]["nll"] < min(c.metrics["validation"]["nll"] for c in choice.candidates[:-1])
+    ingredients = [swa.averager.candidate_tensors(name) for name in soup.settings["ingredients"]]
+    for key, value in module.named_parameters():
+        mean = torch.stack([tensors[key].double() for tensors in ingredients]).mean(0)
+        torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-7)
+    assert distance(module)["validation"]["nll"] == pytest.approx(soup.metrics["validation"]["nll"], rel=1e-6)
+    # BN statistics recomputed for the soup itself (a pass over the data: no ingredient's own buffers)
+    assert int(dict(module.named_buffers())["1.num_batches_tracked"]) == len(loader)
+
+
 def test_a_run_without_swa_keeps_only_the_store_and_every_candidate_is_built_from_it(tmp_path):
     # swa_method none with snapshot_every: the optimizer's own rate throughout (swa_lr and swa_start_epoch of the
     # setup are unused), and the store folds every epoch end from the first, so its windows start at epoch 0.

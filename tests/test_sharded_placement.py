@@ -252,3 +252,13 @@ def test_accelerate_custom_state_loads_rank_0s_state_on_every_rank(report):
     probe = report["accelerate_custom_state"]
     assert probe["files"] == ["custom_checkpoint_0.pkl"]
     assert probe["loaded_per_rank"] == [0, 0]
+
+
+def test_only_the_trainable_shards_are_averaged_and_the_frozen_weights_exported_as_they_are(report):
+    trainable = report["trainable_only"]
+    head = ["head.1.bias", "head.1.weight", "head.3.bias", "head.3.weight"]
+    assert trainable["averaged_names"] == [head, head]  # no frozen body weight, no BN buffer, on either rank
+    assert trainable["averaged_numel_is_head_shards"] == [True, True]
+    assert trainable["restored_bit_identical"] == [True, True]
+    assert trainable["head_vs_reference"] < 1e-6 and trainable["head_moved"] > 1e-3
+    assert trainable["body_equal_to_frozen"]

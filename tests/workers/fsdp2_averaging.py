@@ -70,8 +70,10 @@ class Net(nn.Module):
         return self.head(self.body(pixel_values))
 
 
-def sharded_net(mesh):
+def sharded_net(mesh, freeze_body=False):
     net = Net()
+    if freeze_body:  # (as under PEFT: the frozen part is sharded too, and only the head trains)
+        net.body.requires_grad_(False)
     # Two FSDP units: the body, and the root holding the head (the root stays unsharded after a forward).
     fully_shard(net.body, mesh=mesh)
     fully_shard(net, mesh=mesh)
@@ -204,6 +206,7 @@ def main():
         all(torch.equal(v, final_training[k]) for k, v in local_state(resumed).items() if "num_batches" not in k))
 
     report["accelerate_custom_state"] = probe_accelerate_custom_state(accelerator, report_path.parent / "probe", rank)
+    report["trainable_only"] = check_trainable_only(mesh, device, rank)
     if rank == 0:
         report_path.write_text(json.dumps(report))
     accelerator.wait_for_everyone()
@@ -247,6 +250,42 @@ def check_swap(averager, model, mean, rank, world, device, bn_loader, bn_data, e
             result["eval_vs_unsharded"] = (logits - reference.eval()(eval_x)).abs().max().item()
     result["export_is_none_per_rank"] = all_ranks(export is None)
     return result
+
+
+def check_trainable_only(mesh, device, rank):
+    """`average_trainable_only` under FSDP2: a model whose body is frozen averages only its head's shards; the
+    export holds the head's average and the body's own (untouched) weights."""
+    result = {}
+    model = sharded_net(mesh, freeze_body=True)
+    frozen_before = {n: v for n, v in full_params(model).items() if n.startswith("body.")}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    averager = WeightAverager(model, "swa", ShardedPlacement(device, trainable_only=True), rank)
+    head_numel = sum(local_shard(p).numel() for n, p in model.named_parameters() if n.startswith("head."))
+    reference_sum = None
+    for step in range(1, 4):
+        train_step(model, optimizer, step, rank)
+        averager.update(model)
+        full = {k: v.double() for k, v in full_params(model).items() if k.startswith("head.")}
+        reference_sum = full if reference_sum is None else {k: reference_sum[k] + v for k, v in full.items()}
+    result["averaged_names"] = all_ranks(sorted(averager.averaged))
+    result["averaged_numel_is_head_shards"] = all_ranks(
+        sum(t.numel() for t in averager.averaged.values()) == head_numel)
+    before = local_state(model)
+    with swapped_in(averager, model):
+        export = gather_full_state(averager, model, rank)
+    after = local_state(model)
+    result["restored_bit_identical"] = all_ranks(all(torch.equal(after[k], v) for k, v in before.items()))
+    if rank == 0:
+        mean = {k: v / 3 for k, v in reference_sum.items()}
+        result["head_vs_reference"] = max_diff(export, mean)
+        result["head_moved"] = max_diff(mean, {k: v.double() for k, v in full_params_at_init().items()
+                                               if k.startswith("head.")})
+        result["body_equal_to_frozen"] = all(torch.equal(export[k], v) for k, v in frozen_before.items())
+    return result
+
+
+def full_params_at_init():
+    return {n: p.detach() for n, p in Net().named_parameters()}
 
 
 class Probe:

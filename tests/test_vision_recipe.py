@@ -31,9 +31,10 @@ def cifar_dir(tmp_path_factory):
 
 
 # One run, many averages: the SWA start (epoch 2: 4 updates), a later start (epoch 3: 2 updates, a window of the
-# snapshot store), a side EMA, and the store's families (LAWA, post-hoc EMA, BEMA) and the soup.
+# snapshot store), a side EMA, and the store's families (LAWA, post-hoc EMA, BEMA, the window that ends at epoch 3
+# of 4) and the soup.
 CANDIDATES = ("--swa_start_candidates", "every_epoch", "--ema_decays", "0.5", "--snapshot_every", "every_epoch",
-              "--lawa_ks", "1,2", "--bema", "true", "--soup", "true")
+              "--lawa_ks", "1,2", "--bema", "true", "--store_windows", "2-3", "--soup", "true")
 
 
 @pytest.fixture(scope="module")
@@ -200,12 +201,12 @@ def test_candidates_are_listed_and_the_chosen_one_is_exported(runs, name):
     report = json.loads((out / "final" / "candidates.json").read_text())
     candidates = {c["name"]: c for c in report["candidates"]}
     families = ["lawa_last_1", "lawa_last_2", *(f"posthoc_ema_{w}" for w in ("0.02", "0.05", "0.1", "0.15", "0.2")),
-                "bema", "soup"]
+                "bema", "window_epochs_2_3", "soup"]
     assert list(candidates) == ["swa_from_epoch_2", "swa_from_epoch_3", "ema_0.5", *families]
     assert [c["kind"] for c in candidates.values()] == ["swa", "swa", "ema", "lawa", "lawa", *["posthoc_ema"] * 5,
-                                                        "bema", "soup"]
-    assert [c["n_averaged"] for c in list(candidates.values())[:-1]] == [4, 2, 4] + [4] * 8  # (the store's folds)
-    assert [c["start_epoch"] for c in candidates.values()] == [2, 3, 2] + [2] * 9
+                                                        "bema", "window", "soup"]
+    assert [c["n_averaged"] for c in list(candidates.values())[:-1]] == [4, 2, 4] + [4] * 8 + [2]  # (the store's folds)
+    assert [c["start_epoch"] for c in candidates.values()] == [2, 3, 2] + [2] * 10
     assert candidates["lawa_last_2"]["settings"] == {"k": 2}
     assert candidates["soup"]["settings"]["ingredients"][0] == min(
         list(candidates)[:-1], key=lambda n: candidates[n]["metrics"]["validation"]["nll"])

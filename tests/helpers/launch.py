@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,10 +52,24 @@ def launch(script: str | Path, args: list[str], num_processes: int = 1, timeout:
             command += ["--main_process_port", str(free_port())]
         command += [*launcher_args, str(script), *args]
     env = {**base, **(env or {})}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_in_own_group(command, env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def run_in_own_group(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`subprocess.run` in a process group of its own, killed whole on a timeout: a hung rank of a 2-process launch
+    is the launcher's child, and `subprocess.run` alone would kill only the launcher and leave the ranks running."""
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def run_python(script: str | Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

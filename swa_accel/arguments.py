@@ -198,6 +198,12 @@ class SWAArguments:
             raise ConfigError("snapshot_every: the store keeps the snapshots of an SWA run, or of a run without "
                               "averaging (swa_method none); swa_method is 'ema'")
 
+    def candidate_options(self) -> list[str]:
+        """The options set here that make candidates to choose among (for the line that refuses a choice)."""
+        asked = {"swa_start_candidates": self.swa_start_candidates, "ema_decays": self.ema_decays,
+                 "snapshot_every": self.store_enabled, "soup": self.soup}
+        return [name for name, value in asked.items() if value] or ["swa_start_candidates"]
+
     @property
     def store_enabled(self) -> bool:
         return self.snapshot_every is not None

@@ -109,12 +109,14 @@ def choose_candidate(validation: dict[str, dict[str, float]], metric: str,
     return best, reason
 
 
-def check_selection(count: int, validation_split: Optional[str], metric: str, metric_names: Sequence[str]) -> None:
+def check_selection(count: int, validation_split: Optional[str], metric: str, metric_names: Sequence[str],
+                    asked_by: Sequence[str] = ("swa_start_candidates",)) -> None:
     """Refuses, before training, a choice among `count` candidates that could not be made: no validation split to
-    choose on, or a selection metric the task does not compute."""
+    choose on, or a selection metric the task does not compute. `asked_by`: the options that made the candidates
+    (the line names them)."""
     if count > 1 and validation_split is None:
-        raise ConfigError("swa_start_candidates: choosing among candidates (later starts, ema_decays, the snapshot "
-                          "store's families) needs a validation split; vision: set validation_fraction (or "
-                          "validation_split), text: an eval_split named validation")
+        options = ", ".join(asked_by)
+        raise ConfigError(f"{asked_by[0]}: choosing among candidates ({options}) needs a validation split; vision: "
+                          "set validation_fraction (or validation_split), text: an eval_split named validation")
     if count > 1 and metric not in metric_names:
         raise ConfigError(f"selection_metric: this recipe computes {', '.join(metric_names)}, not {metric!r}")

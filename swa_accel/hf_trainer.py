@@ -119,7 +119,8 @@ class SWACallback(TrainerCallback):
             self.swa.lr_phase.remove()  # (a second train() on the same optimizer: one rate phase at a time)
         plan = trainer_plan(trainer, self.args, train_dataloader)
         self.swa = SWA(trainer.accelerator, trainer.model_wrapped, optimizer, train_dataloader, self.args,
-                       plan=plan, seed=args.seed, register=False, store_dir=Path(args.output_dir) / "snapshots")
+                       plan=plan, seed=args.seed, register=False, store_dir=Path(args.output_dir) / "snapshots",
+                       checkpoints_kept=args.save_total_limit)
         if self.swa.placement.name != "main":
             raise ConfigError("swa_placement: with transformers.Trainer the average lives on the main process; "
                               "sharded (FSDP2) averages run in the recipes' Trainer")

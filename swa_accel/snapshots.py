@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .errors import ConfigError
 from .power_ema import gamma_of_sigma_rel, power_decay
 from .snapshot_files import BackgroundWriter
 
@@ -77,6 +78,35 @@ def file_name(kind: str, rank: int, point: Optional[int] = None) -> str:
     return f"{kind}-{point:05d}.rank{rank}.safetensors" if point is not None else f"{kind}.rank{rank}.safetensors"
 
 
+def refuse_other_tracking(saved: StoreLayout, config: StoreLayout) -> None:
+    """Refuses, in one line naming the options, a checkpoint whose store tracked otherwise than this config asks:
+    the tracked EMAs and BEMA go on (or are read) as they were, and no LAWA can use weights that were not kept.
+    (More kept weights than this config asks for serve it too: the store goes on keeping that many.)
+
+    Raises:
+        ConfigError: other tracked widths, BEMA on one side only, or a larger LAWA k than the run kept.
+    """
+    def widths(layout):
+        return ",".join(f"{s:g}" for s in layout.sigma_rels) or "none"
+
+    differences = []  # (the option, what the run kept against what this config asks)
+    if saved.sigma_rels != config.sigma_rels:
+        differences.append(("posthoc_ema_tracked", f"posthoc_ema_tracked {widths(saved)} (this config: "
+                                                   f"{widths(config)})"))
+    if saved.bema != config.bema:
+        differences.append(("bema", f"bema {_flag(saved.bema)} (this config: {_flag(config.bema)})"))
+    if saved.keep_weights < config.keep_weights:
+        differences.append(("lawa_ks", f"the weights of its last {saved.keep_weights} points, so lawa_ks up to "
+                                       f"{saved.keep_weights} (this config: lawa_ks up to {config.keep_weights})"))
+    if differences:
+        raise ConfigError(f"{differences[0][0]}: the checkpoint's snapshot store was kept with "
+                          + "; ".join(text for _, text in differences) + "; pass the run's store settings")
+
+
+def _flag(setting) -> str:
+    return "false" if setting is None else "true"
+
+
 class SnapshotStore:
     """The writing side of the store, on a rank that holds (a shard of) the average.
 
@@ -89,11 +119,12 @@ class SnapshotStore:
         bema: BEMA's settings, or None.
         keep_weights: how many of the latest points keep their weights on disk (LAWA's k; BEMA needs 1).
         windows: keep segment means (windows over points); off, a store holds only what the others need.
+        checkpoints_kept: how many checkpoints the run keeps (None: all); the weight files any of them names stay.
     """
 
     def __init__(self, folder: Path, like: dict[str, torch.Tensor], device: torch.device, rank: int, *,
                  sigma_rels: Sequence[float] = (), bema: Optional[BEMASettings] = None, keep_weights: int = 0,
-                 windows: bool = True) -> None:
+                 windows: bool = True, checkpoints_kept: Optional[int] = None) -> None:
         if len(sigma_rels) == 1:
             raise ValueError("posthoc_ema_tracked: post-hoc EMA needs two or more tracked widths (EDM2 uses 0.05,0.1)")
         if len(set(sigma_rels)) != len(sigma_rels):
@@ -117,7 +148,10 @@ class SnapshotStore:
         self.bema_step: Optional[int] = None
         self._theta0_pending: Optional[dict[str, torch.Tensor]] = None  # BEMA's theta_0, until it is handed over
         self.points: list[StorePoint] = []
-        self._kept_at_checkpoint: set[int] = set()
+        # The weight files each kept checkpoint names (oldest first): a resume from any checkpoint still on disk
+        # finds its files. `checkpoints_kept`: how many checkpoints the run keeps (None: all).
+        self.checkpoints_kept = checkpoints_kept
+        self._kept_at_checkpoints: list[set[int]] = []
         # At most two copies wait for the disk (each about the size of one average): the memory stays bounded
         # when points come faster than the disk writes them, and the step waits only then.
         self.writer = BackgroundWriter(max_pending_bytes=2 * 4 * sum(t.numel() for t in like.values()))
@@ -183,7 +217,7 @@ class SnapshotStore:
             stale = index - self.layout.keep_weights
             if stale >= 0 and self.points[stale].weights:
                 self.points[stale].weights = False
-                if stale not in self._kept_at_checkpoint:  # (else at the next checkpoint, or at the end)
+                if stale not in self._named_by_checkpoints():  # (else once no kept checkpoint names it)
                     dropped.append(self.folder / file_name("weights", self.rank, stale))
         if self.bema_ema is not None and self.layout.bema_theta0_step is not None:
             if self.bema_step != step:  # a point between folds: BEMA takes this point's weights as its last update,
@@ -208,20 +242,18 @@ class SnapshotStore:
     def kept_weights(self) -> set[int]:
         return {p.index for p in self.points if p.weights}
 
+    def _named_by_checkpoints(self) -> set[int]:
+        return set().union(*self._kept_at_checkpoints)
+
     def drop_stale_weights(self) -> None:
-        """Removes the weight files that neither the points now nor the last checkpoint's points keep (a resume
-        from that checkpoint finds its files), once the writer is done."""
+        """Removes the weight files that neither the points now nor a kept checkpoint's points keep (a resume
+        from any checkpoint still on disk finds its files), once the writer is done."""
         self._hand_over_theta0()
         self.writer.wait()
-        keep = self.kept_weights() | self._kept_at_checkpoint
+        keep = self.kept_weights() | self._named_by_checkpoints()
         for point in self.points:
             if point.index not in keep:
                 (self.folder / file_name("weights", self.rank, point.index)).unlink(missing_ok=True)
-
-    def finish(self) -> None:
-        """At the end of the run: everything on disk, and only the weight files its points keep."""
-        self._kept_at_checkpoint = set()
-        self.drop_stale_weights()
 
     def wait(self) -> None:
         """Everything handed to the writer is on disk (raises a write's error)."""
@@ -233,26 +265,26 @@ class SnapshotStore:
     def state_dict(self) -> dict:
         """The in-memory part; waits for the writer first, so the files it names exist."""
         self._hand_over_theta0()
+        # This checkpoint's files join the kept ones; those of the checkpoint it pushes out stay until the next drop
+        # (the runner deletes an old checkpoint only once the new one exists).
+        self._kept_at_checkpoints.append(self.kept_weights())
         self.drop_stale_weights()
-        self._kept_at_checkpoint = self.kept_weights()
+        if self.checkpoints_kept is not None:
+            self._kept_at_checkpoints = self._kept_at_checkpoints[-self.checkpoints_kept:]
         cpu = lambda tensors: None if tensors is None else {k: v.cpu() for k, v in tensors.items()}
         return {"layout": asdict(self.layout), "points": [asdict(p) for p in self.points], "folds": self.folds,
                 "segment_count": self.segment_count, "segment": cpu(self.segment),
                 "power": [cpu(ema) for ema in self.power], "bema_ema": cpu(self.bema_ema),
-                "bema_step": self.bema_step}
+                "bema_step": self.bema_step, "kept_at_checkpoints": [sorted(s) for s in self._kept_at_checkpoints]}
 
     def load_state_dict(self, state: dict) -> None:
         saved = StoreLayout(**state["layout"])
-        # (More kept weights than this config asks for serve it too: the store goes on keeping that many.)
-        if saved.sigma_rels != self.layout.sigma_rels or saved.bema != self.layout.bema \
-                or saved.keep_weights < self.layout.keep_weights:
-            raise ValueError(f"snapshot store: the checkpoint's store tracks {asdict(saved)}, the config "
-                             f"{asdict(self.layout)}; resume with the same store settings")
+        refuse_other_tracking(saved, self.layout)
         self.layout = saved
         self.points = [StorePoint(**p) for p in state["points"]]
         self.folds, self.segment_count = int(state["folds"]), int(state["segment_count"])
         self.bema_step = state.get("bema_step")
-        self._kept_at_checkpoint = self.kept_weights()
+        self._kept_at_checkpoints = [set(s) for s in state.get("kept_at_checkpoints", [self.kept_weights()])]
         with torch.no_grad():
             pairs = [(self.segment, state["segment"]), (self.bema_ema, state["bema_ema"])]
             pairs += list(zip(self.power, state["power"]))

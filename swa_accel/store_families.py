@@ -76,8 +76,9 @@ def window_dropped(plan: TrainingPlan, store_plan: StorePlan, first: int, last: 
 
 
 def attach_store(averager: WeightAverager, model: nn.Module, plan: TrainingPlan, args: SWAArguments,
-                 store_dir, process_index: int) -> Optional[StorePlan]:
+                 store_dir, process_index: int, checkpoints_kept: Optional[int] = None) -> Optional[StorePlan]:
     """Builds the run's store (where `args` asks for one) and registers its families; the store's plan, or None.
+    `checkpoints_kept`: see `SnapshotStore`.
 
     Raises:
         ConfigError: no `store_dir`, or a disk budget that holds not even the last point.
@@ -95,7 +96,8 @@ def attach_store(averager: WeightAverager, model: nn.Module, plan: TrainingPlan,
     if averager.averaged is not None:
         store = SnapshotStore(Path(store_dir), averager.averaged, averager.placement.device, process_index,
                               sigma_rels=args.posthoc_ema_tracked or (),
-                              bema=BEMASettings() if args.bema else None, keep_weights=max(args.lawa_ks or [0]))
+                              bema=BEMASettings() if args.bema else None, keep_weights=max(args.lawa_ks or [0]),
+                              checkpoints_kept=checkpoints_kept)
         averager.attach_store(store)
     device = averager.placement.device
     for name, (kind, settings) in family_names(args).items():

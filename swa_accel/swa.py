@@ -76,6 +76,9 @@ class SWA:
             averaging cadence and leaves the learning rate alone; the average it holds is the store's widest
             window, and the candidates are built from the store after training.
         avg_fn, multi_avg_fn: a custom average, in the forms of torch's `AveragedModel`.
+        checkpoints_kept: how many checkpoints the run keeps (default: the accelerator's
+            `ProjectConfiguration.total_limit`; None: all). The store keeps every weight file a kept checkpoint
+            names, so a resume from any of them finds its LAWA and BEMA weights.
 
     Raises:
         ConfigError: the loader or optimizer is not what `accelerator.prepare` returned, the launcher started
@@ -89,7 +92,8 @@ class SWA:
                  plan: Optional[TrainingPlan] = None, build_model: Optional[Callable[[], nn.Module]] = None,
                  bn_loader: Optional[BNLoader] = None, seed: int = 0, phase: Phase = _no_phase,
                  register: bool = True, verbose: bool = True, store_dir=None, avg_fn: Optional[Callable] = None,
-                 multi_avg_fn: Optional[Callable] = None) -> None:
+                 multi_avg_fn: Optional[Callable] = None, checkpoints_kept: Optional[int] | str = "accelerator"
+                 ) -> None:
         # A store-only run (swa_method none with snapshot_every) records the store as an SWA run from step 0 would,
         # with no SWA learning rate; its loop evaluates and exports the trained model (see `store_only`).
         self.store_only = args.store_only
@@ -126,7 +130,10 @@ class SWA:
                                        args.ema_warmup_power, args.ema_warmup_gamma, args.ema_min_decay,
                                        avg_fn=avg_fn, multi_avg_fn=multi_avg_fn)
         self.store_dir = store_dir
-        self.store_plan = attach_store(self.averager, model, self.plan, args, store_dir, accelerator.process_index)
+        if checkpoints_kept == "accelerator":
+            checkpoints_kept = getattr(getattr(accelerator, "project_configuration", None), "total_limit", None)
+        self.store_plan = attach_store(self.averager, model, self.plan, args, store_dir, accelerator.process_index,
+                                       checkpoints_kept)
         self.dropped = set(dropped_candidates(self.plan, self.store_plan, args))
         self.steps_done = 0  # real optimizer steps so far: the one count, which the LR phase reads
         self.lr_phase = None
@@ -280,7 +287,7 @@ class SWA:
 
     def finish_store(self) -> None:
         """At the end of a run that scores no candidates (a store-only run): every point on disk, stale weight files
-        gone but those the last checkpoint names (the final checkpoint's save removes them)."""
+        gone but those a kept checkpoint names."""
         if self.averager.store is not None:
             self.averager.store.drop_stale_weights()
 
@@ -365,8 +372,8 @@ class SWA:
         if self.averager.n_averaged == 0:
             return None, None
         if self.averager.store is not None:
-            # Every point on disk; stale weight files go, but not those the last checkpoint names (a run stopped
-            # before its final checkpoint resumes from that one), which the final checkpoint's save removes.
+            # Every point on disk; stale weight files go, but not those a kept checkpoint names (a run stopped
+            # before its final checkpoint resumes from one of them).
             self.averager.store.drop_stale_weights()
         best_module, scored, choice = None, [], None
         for name in self.averager.candidate_names():

@@ -2,6 +2,9 @@
 after the fact, scored on validation and exported into output_dir/chosen, with nothing of the run rewritten."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -34,7 +37,11 @@ def test_a_finished_runs_store_builds_other_starts_and_families_and_changes_noth
     run_report = json.loads((out / "final" / "candidates.json").read_text())
     untouched = {p: p.read_bytes() for p in [out / "metrics.jsonl", out / "config.yaml",
                                              out / "final" / "candidates.json", out / "final" / "swa" /
-                                             "model.safetensors"]}
+                                             "model.safetensors", *(out / "snapshots").iterdir()]}
+    # Points at epochs 2 to 5; the two kept checkpoints (epochs 4 and 5) name the weights of points 1, 2 and 2, 3:
+    # a resume from either finds them, so these three stay after the run (and the choice below deletes nothing).
+    assert sorted(p.name for p in (out / "snapshots").glob("weights-*")) == [
+        f"weights-{i:05d}.rank0.safetensors" for i in (1, 2, 3)]
     # After the fact: every later start (the run kept none), LAWA over 2 points only, another post-hoc EMA width.
     result = launch(SCRIPT, args(out, "--lawa_ks", "2", "--swa_start_candidates", "every_epoch",
                                  "--posthoc_ema_widths", "0.07", "--soup", "true", "--choose_from_store", "true"))
@@ -57,6 +64,27 @@ def test_a_finished_runs_store_builds_other_starts_and_families_and_changes_noth
     assert load_file(out / "chosen" / "swa" / "model.safetensors").keys() == \
         load_file(out / "final" / "swa" / "model.safetensors").keys()
     assert all(path.read_bytes() == content for path, content in untouched.items())
+    assert set((out / "snapshots").iterdir()) <= set(untouched)
+
+    # Choosing with other tracked settings than the run kept, or with no store, is one line naming the option.
+    refused = refusals([args(out, "--bema", "false", "--choose_from_store", "true"),
+                        args(out, "--lawa_ks", "1,3", "--choose_from_store", "true"),
+                        args(out, "--snapshot_every", "None", "--bema", "false", "--choose_from_store", "true")])
+    assert [code for code, _ in refused] == [1, 1, 1]
+    assert refused[0][1] == "error: bema: the checkpoint's snapshot store was kept with bema true (this config: " \
+                            "false); pass the run's store settings"
+    assert refused[1][1].startswith("error: lawa_ks: the checkpoint's snapshot store was kept with the weights of "
+                                    "its last 2 points, so lawa_ks up to 2 (this config: lawa_ks up to 3)")
+    assert refused[2][1].startswith("error: choose_from_store: this config keeps no snapshot store")
+    assert all(path.read_bytes() == content for path, content in untouched.items())
+
+
+def refusals(argvs: list[list[str]]) -> list[tuple[int, str]]:
+    """Each refused command line's exit status and last stderr line, all in one process (paying the imports once)."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "refusals.py"), json.dumps(argvs)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    return [(r["code"], r["last"]) for r in map(json.loads, result.stdout.splitlines())]
 
 
 def test_choosing_from_a_run_without_checkpoints_or_store_is_one_line(tmp_path):

@@ -65,7 +65,7 @@ def test_every_window_is_the_float64_mean_of_its_snapshots(tmp_path):
         assert relative(reader.lawa(k), expected) < 1e-6
     with pytest.raises(ValueError, match="keeps the weights of 3"):
         reader.lawa(4)
-    store.finish()  # (stale weight files go at each checkpoint, but for the last checkpoint's, and at the end)
+    store.drop_stale_weights()  # (stale weight files go at each checkpoint and at the end)
     assert sorted(p.name for p in tmp_path.glob("weights-*")) == [
         f"weights-{i:05d}.rank0.safetensors" for i in (5, 6, 7)]
 
@@ -198,7 +198,9 @@ def test_a_resumed_store_equals_an_uninterrupted_one_file_for_file(tmp_path):
     walk = trajectory(40, seed=3)
     kwargs = dict(sigma_rels=(0.05, 0.10), bema=BEMASettings(), keep_weights=2)
     whole = new_store(tmp_path / "whole", **kwargs)
-    drive(whole, walk, cut_every=5)
+    drive(whole, walk, cut_every=5, stop=20)
+    whole.state_dict()  # (the same checkpoint, kept: its weight files stay in both)
+    drive(whole, walk[20:], cut_every=5, first_step=21)
     first = new_store(tmp_path / "split", **kwargs)
     drive(first, walk, cut_every=5, stop=20)
     torch.save(first.state_dict(), tmp_path / "state.pt")  # the checkpoint
@@ -206,8 +208,8 @@ def test_a_resumed_store_equals_an_uninterrupted_one_file_for_file(tmp_path):
     second = new_store(tmp_path / "split", **kwargs)
     second.load_state_dict(torch.load(tmp_path / "state.pt"))
     drive(second, walk[20:], cut_every=5, first_step=21)
-    second.finish()
-    whole.finish()
+    second.drop_stale_weights()
+    whole.drop_stale_weights()
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "split").iterdir())
     for name in names:
@@ -217,6 +219,26 @@ def test_a_resumed_store_equals_an_uninterrupted_one_file_for_file(tmp_path):
             continue
         a, b = read_tensors(tmp_path / "whole" / name), read_tensors(tmp_path / "split" / name)
         assert all(torch.equal(a[n], b[n]) for n in a), name
+
+
+def test_the_weight_files_of_every_kept_checkpoint_stay_and_a_resume_from_the_older_one_finds_them(tmp_path):
+    # LAWA over 2 points, a checkpoint at every point, the newest 2 checkpoints kept (the runner's default).
+    walk = trajectory(30, seed=5)
+    kwargs = dict(keep_weights=2, checkpoints_kept=2)
+    store, states = new_store(tmp_path / "run", **kwargs), {}
+    for stop in range(5, 31, 5):
+        drive(store, walk[stop - 5:], cut_every=5, first_step=stop - 4, stop=5)
+        states[stop] = store.state_dict()
+    store.drop_stale_weights()  # (the end of the run)
+    weights = sorted(p.name for p in (tmp_path / "run").glob("weights-*"))
+    # The checkpoints at steps 25 (points 3, 4) and 30 (points 4, 5) are kept; the files of older ones went.
+    assert weights == [f"weights-{i:05d}.rank0.safetensors" for i in (3, 4, 5)]
+    # A resume from the older kept checkpoint (step 25) builds its LAWA from its own files.
+    resumed = new_store(tmp_path / "run", **kwargs)
+    resumed.load_state_dict(states[25])
+    expected = {n: (walk[19][n] + walk[24][n]) / 2 for n in SHAPES}
+    assert relative(StoreReader(tmp_path / "run", points=resumed.points, layout=resumed.layout).lawa(2),
+                    expected) < 1e-6
 
 
 def test_a_failed_write_is_raised_at_the_next_wait(tmp_path):

@@ -144,6 +144,8 @@ def restore(accelerator, path: Path) -> None:
     """`accelerator.load_state`, with one line naming the checkpoint when it does not fit this run."""
     try:
         accelerator.load_state(str(path))
+    except ConfigError:
+        raise  # (a state that names its own option, such as the snapshot store's settings)
     except Exception as error:  # noqa: BLE001 - torch, safetensors and pickle each raise their own types
         raise ConfigError(f"resume_from_checkpoint: cannot restore '{path}' into this run ({first_line(error)}); "
                           "it holds another model or optimizer, or a damaged file") from error

@@ -57,6 +57,9 @@ class RecipeTrainer:
         check_output_dir(self.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         # Resolve the checkpoint before anything heavy, so a bad path fails fast.
+        if training.choose_from_store and not swa.store_enabled:
+            raise ConfigError("choose_from_store: this config keeps no snapshot store; pass the run's snapshot_every "
+                              "(and the families to build)")
         if training.choose_from_store and not list_checkpoints(self.checkpoint_root):
             raise ConfigError(f"choose_from_store: no checkpoint in {self.checkpoint_root}; the run to choose from "
                               "needs its last checkpoint (checkpointing_steps) and its snapshot store")
@@ -88,9 +91,10 @@ class RecipeTrainer:
         if swa.enabled or swa.store_only:  # (store only: the store is kept; the run trains as without SWA)
             self.averaging = SWA(accelerator, self.model, self.optimizer, self.train_loader, swa, plan=self.plan,
                                  build_model=task.build_model, bn_loader=self.bn_loader, seed=training.seed,
-                                 phase=self.clock.timed, verbose=False, store_dir=self.output_dir / "snapshots")
+                                 phase=self.clock.timed, verbose=False, store_dir=self.output_dir / "snapshots",
+                                 checkpoints_kept=training.checkpoints_total_limit)
             check_selection(self.averaging.candidate_count(), task.validation_split, swa.selection_metric,
-                            task.metric_names)
+                            task.metric_names, swa.candidate_options())
         self.health = Health(accelerator, self.checkpoint_root, training.divergence_bound)
         self.signals = StopSignals(training.stop_signal)  # installed while `run` runs
         self.stop_signalled = False  # some rank got a stop signal, as every rank learned at a logging step
@@ -374,9 +378,6 @@ class RecipeTrainer:
         if self.state.global_step != self.plan.total_steps:
             raise ConfigError(f"choose_from_store: the latest checkpoint is at step {self.state.global_step} of "
                               f"{self.plan.total_steps}; finish the run first (--resume_from_checkpoint latest)")
-        if self.averaging is None or self.averaging.store_plan is None:
-            raise ConfigError("choose_from_store: this config keeps no snapshot store; pass the run's "
-                              "snapshot_every (and the families to build)")
         self.averaging.start_candidates_from_store()
         self.log = None  # (the run's metrics.jsonl stays as the run left it)
         results, swa_module, choice = self.evaluate(final=True)
@@ -400,8 +401,6 @@ class RecipeTrainer:
         # The final/swa export is the very module evaluated here, so its logged metrics reproduce on reload.
         with self.clock.timed("final_evaluation"):  # includes scoring every candidate average
             results, swa_module, choice = self.evaluate(final=True)
-        if self.averaging is not None:
-            self.averaging.finish_store()
         # A run that keeps the snapshot store also checkpoints its last step (where it checkpoints at all): that is
         # where --choose_from_store starts from.
         keeps_store = self.averaging is not None and self.averaging.store_plan is not None
@@ -409,6 +408,8 @@ class RecipeTrainer:
                 keeps_store and self.training.checkpointing_steps is not None):
             with self.clock.counted("checkpointing"):
                 self.checkpoint(swa_module)
+        if self.averaging is not None:  # (after the last checkpoint: the weight files only older ones named go)
+            self.averaging.finish_store()
         final_dir = self.output_dir / "final"
         with self.clock.counted("export"):
             base = self.base_for_export()

@@ -184,7 +184,8 @@ class SWAArguments:
         self.lawa_ks = _floats("lawa_ks", _none_word(self.lawa_ks), "a list of point counts such as 1,3,5")
         if self.lawa_ks is not None:
             if not all(k.is_integer() and k >= 1 for k in self.lawa_ks):
-                raise ConfigError(f"lawa_ks: each k must be a whole number >= 1, got {self.lawa_ks}")
+                raise ConfigError("lawa_ks: each k must be a whole number >= 1, got "
+                                  + ",".join(f"{k:g}" for k in self.lawa_ks))
             self.lawa_ks = [int(k) for k in self.lawa_ks]
         self.store_windows = _windows(_none_word(self.store_windows))
         if self.snapshot_disk_budget_mb is not None and not self.snapshot_disk_budget_mb > 0:

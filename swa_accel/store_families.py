@@ -101,6 +101,9 @@ def attach_store(averager: WeightAverager, model: nn.Module, plan: TrainingPlan,
         averager.attach_store(store)
     device = averager.placement.device
     for name, (kind, settings) in family_names(args).items():
+        if kind == "lawa":
+            _check_lawa(plan, store_plan, settings["k"])
+            averager.extra_counts[name] = _lawa_count(averager, settings["k"])
         if kind == "window":
             if window_dropped(plan, store_plan, settings["after_epoch"], settings["through_epoch"]):
                 continue  # (a disk budget thinned its point away: `dropped_candidates` names it)
@@ -134,6 +137,35 @@ def _window_points(reader, settings: dict) -> tuple[Optional[int], int]:
         raise ValueError(f"snapshot store: no point at step {settings['through_step']} or {after}; the run ended "
                          "before the window did")
     return (None if after is None else reader.point_at_step(after).index), last.index
+
+
+def _check_lawa(plan: TrainingPlan, store_plan: StorePlan, k: int) -> None:
+    """Refuses, before training, a LAWA over more points than the run will have."""
+    points = len(store_plan.cut_steps)
+    if k > points:
+        epochs = ", ".join(f"{step / plan.steps_per_epoch:g}" for step in store_plan.cut_steps)
+        raise ConfigError(f"lawa_ks: LAWA over the last {k} points, but the store has {points} in this run (after "
+                          f"epochs {epochs}); choose k up to {points} or a shorter snapshot_every")
+
+
+def _lawa_count(averager: WeightAverager, k: int):
+    def count() -> int:  # the points it averages (0 until there are k)
+        store = averager.store
+        if store is None:  # (a rank without the copy: nonzero as for the other families, so every rank scores it)
+            return averager.n_averaged
+        return k if len(store.kept_weights()) >= k else 0
+
+    return count
+
+
+def lawa_start_step(store, k: int) -> Optional[int]:
+    """Where a LAWA over the last `k` points starts, as an SWA start does: the point before its first (with points
+    at epoch ends, LAWA over k points is the SWA window of the last k epochs). None: from the store's start, or
+    without the store's copy."""
+    if store is None:
+        return None
+    kept = [p for p in store.points if p.weights][-k:]
+    return store.points[kept[0].index - 1].step if kept and kept[0].index > 0 else None
 
 
 def _window_count(averager: WeightAverager, settings: dict):

@@ -37,7 +37,7 @@ from .plan_report import plan_line, plan_warnings
 from .timeline import TrainingPlan, plan_run
 from .sharded import ShardedPlacement
 from .soup import greedy_soup
-from .store_families import attach_store, dropped_candidates, family_names
+from .store_families import attach_store, dropped_candidates, family_names, lawa_start_step
 from .swa_lr import SWALRPhase
 
 #: `bn_loader(full_pass)`: a factory of this rank's loader for one BN pass (capped unless `full_pass`).
@@ -166,7 +166,8 @@ class SWA:
         if self.store_plan is None:
             return []
         cuts = self.store_plan.cut_steps
-        lines = [f"snapshot store: {len(cuts)} points (steps {cuts[0]} to {cuts[-1]}), folds after step "
+        where = f"{len(cuts)} points (steps {cuts[0]} to {cuts[-1]})" if len(cuts) > 1 else f"1 point (step {cuts[0]})"
+        lines = [f"snapshot store: {where}, folds after step "
                  f"{self.store_plan.first_fold_after}; families: {', '.join(family_names(self.args)) or 'windows'}"]
         if self.store_plan.dropped_steps:
             lines.append(f"snapshot_disk_budget_mb: {self.args.snapshot_disk_budget_mb:g} MB keeps {len(cuts)} of "
@@ -412,6 +413,8 @@ class SWA:
         if kind == "window":
             after = settings["after_epoch"] * self.plan.steps_per_epoch
             start = max(after, self.store_plan.first_fold_after)
+        if kind == "lawa":  # (the weights at its k points: it starts at the first)
+            start = lawa_start_step(self.averager.store, settings["k"]) or start
         return Candidate(name=name, kind=kind, start_step=start, start_epoch=start / self.plan.steps_per_epoch,
                          decay=decays.get(name), n_averaged=updates, metrics=metrics, settings=settings)
 
@@ -430,7 +433,8 @@ class SWA:
 
         ingredients, metrics, tensors = greedy_soup(scored, split, metric, self.averager.tensors_of, score, higher)
         trial["tensors"] = tensors
-        scored.append(Candidate(name="soup", kind="soup", start_step=scored[0].start_step,
-                                start_epoch=scored[0].start_epoch, decay=None,
+        first = min((c for c in scored if c.name in ingredients), key=lambda c: c.start_step)
+        scored.append(Candidate(name="soup", kind="soup", start_step=first.start_step,
+                                start_epoch=first.start_epoch, decay=None,
                                 n_averaged=sum(c.n_averaged for c in scored if c.name in ingredients),
                                 metrics=metrics, settings={"ingredients": ingredients}))

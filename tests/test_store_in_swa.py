@@ -89,6 +89,9 @@ def test_later_starts_are_windows_of_the_store_and_every_family_is_scored(tmp_pa
     assert soup.metrics["validation"]["nll"] <= best_single  # the soup starts as the best and only improves
     assert soup.settings["ingredients"][0] == min(
         (c for c in choice.candidates if c.name != "soup"), key=lambda c: c.metrics["validation"]["nll"]).name
+    # LAWA's record: its k points, starting after the point before its first (as the SWA window of the last k epochs)
+    records = {c.name: c for c in choice.candidates}
+    assert [(records[n].n_averaged, records[n].start_epoch) for n in ("lawa_last_1", "lawa_last_2")] == [(1, 5), (2, 4)]
     # LAWA over 1 point is the last iterate
     last = {k: v.detach() for k, v in model.named_parameters()}
     lawa = swa.averager.candidate_tensors("lawa_last_1")
@@ -213,6 +216,12 @@ def test_a_disk_budget_thins_the_points_and_names_the_dropped_candidates(tmp_pat
     assert [p.step for p in swa.averager.store.points] == [16, 32, 48]
     with pytest.raises(ConfigError, match="holds not even the last point"):
         setup(tmp_path / "tiny", snapshot_every="every_epoch", snapshot_disk_budget_mb=1e-6)
+
+
+def test_a_lawa_over_more_points_than_the_run_has_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"^lawa_ks: LAWA over the last 9 points, but the store has 5 in this run "
+                                          r"\(after epochs 2, 3, 4, 5, 6\); choose k up to 5"):
+        setup(tmp_path, snapshot_every="every_epoch", lawa_ks="1,9")
 
 
 def test_the_store_needs_a_folder_and_its_options_need_the_store(tmp_path):

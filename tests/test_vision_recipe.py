@@ -205,8 +205,12 @@ def test_candidates_are_listed_and_the_chosen_one_is_exported(runs, name):
     assert list(candidates) == ["swa_from_epoch_2", "swa_from_epoch_3", "ema_0.5", *families]
     assert [c["kind"] for c in candidates.values()] == ["swa", "swa", "ema", "lawa", "lawa", *["posthoc_ema"] * 5,
                                                         "bema", "window", "soup"]
-    assert [c["n_averaged"] for c in list(candidates.values())[:-1]] == [4, 2, 4] + [4] * 8 + [2]  # (the store's folds)
-    assert [c["start_epoch"] for c in candidates.values()] == [2, 3, 2] + [2] * 10
+    # LAWA: its points (the last and the last two of epochs 3 and 4, as the SWA windows from epochs 3 and 2); the
+    # EMAs: the store's folds; the window: its own.
+    assert [c["n_averaged"] for c in list(candidates.values())[:-1]] == [4, 2, 4, 1, 2] + [4] * 6 + [2]
+    assert [c["start_epoch"] for c in list(candidates.values())[:-1]] == [2, 3, 2, 3, 2] + [2] * 7
+    soup = candidates["soup"]
+    assert soup["start_epoch"] == min(candidates[n]["start_epoch"] for n in soup["settings"]["ingredients"])
     assert candidates["lawa_last_2"]["settings"] == {"k": 2}
     assert candidates["soup"]["settings"]["ingredients"][0] == min(
         list(candidates)[:-1], key=lambda n: candidates[n]["metrics"]["validation"]["nll"])

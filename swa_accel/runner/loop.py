@@ -313,7 +313,8 @@ class RecipeTrainer:
         for line in [plan_line(plan, self.swa), *plan_warnings(plan, self.swa), *store]:
             say(acc, line)
         progress = tqdm(total=plan.total_steps, initial=self.state.global_step,
-                        disable=not acc.is_local_main_process, desc="train")
+                        # (None: off where stderr is no terminal, so a log file gets no bar fragments)
+                        disable=None if acc.is_local_main_process else True, desc="train")
         self.model.train()
         self.clock.mark("epochs", epoch=self.state.epoch)  # (the first call opens the interval)
         self.clock.mark("log_intervals", step=self.state.global_step)

@@ -262,3 +262,19 @@ def test_only_the_trainable_shards_are_averaged_and_the_frozen_weights_exported_
     assert trainable["restored_bit_identical"] == [True, True]
     assert trainable["head_vs_reference"] < 1e-6 and trainable["head_moved"] > 1e-3
     assert trainable["body_equal_to_frozen"]
+
+
+def test_a_run_without_swa_keeps_the_store_in_shards_and_its_windows_are_the_means(report):
+    store_only = report["store_only"]
+    assert store_only["store_only"] and store_only["placement"] == "sharded"
+    assert store_only["rates"] == [0.05]  # the optimizer's own rate: no SWA phase
+    names = store_only["candidates"]
+    assert names[:3] == ["swa_from_epoch_0", "swa_from_epoch_1", "swa_from_epoch_2"] and "lawa_last_1" in names
+    for rank, files in enumerate(store_only["files"]):  # each rank its own shards: a segment per point, the last
+        # point's weights (LAWA over 1), the tracked post-hoc EMAs per point
+        assert [f for f in files if f.startswith(("segment", "weights"))] == sorted(
+            [f"segment-{i:05d}.rank{rank}.safetensors" for i in range(3)] + [f"weights-00002.rank{rank}.safetensors"])
+        assert {f"power0-{i:05d}.rank{rank}.safetensors" for i in range(3)} <= set(files), rank
+    # the whole run's epoch ends, the last two, the last one: each the float64 mean of the full weights there
+    assert all(diff < 1e-6 for diff in store_only["vs_reference"].values()), store_only["vs_reference"]
+    assert set(store_only["vs_reference"]) == {"swa_from_epoch_0", "swa_from_epoch_1", "lawa_last_1"}

@@ -207,6 +207,7 @@ def main():
 
     report["accelerate_custom_state"] = probe_accelerate_custom_state(accelerator, report_path.parent / "probe", rank)
     report["trainable_only"] = check_trainable_only(mesh, device, rank)
+    report["store_only"] = check_store_only(accelerator, mesh, bn_data, report_path.parent / "store_only", rank)
     if rank == 0:
         report_path.write_text(json.dumps(report))
     accelerator.wait_for_everyone()
@@ -281,6 +282,40 @@ def check_trainable_only(mesh, device, rank):
         result["head_moved"] = max_diff(mean, {k: v.double() for k, v in full_params_at_init().items()
                                                if k.startswith("head.")})
         result["body_equal_to_frozen"] = all(torch.equal(export[k], v) for k, v in frozen_before.items())
+    return result
+
+
+def check_store_only(accelerator, mesh, bn_data, folder, rank):
+    """`SWA` with swa_method none and the snapshot store under FSDP2: the rate stays the optimizer's, each rank
+    writes its own shards, and the store's windows (gathered) are the float64 means of the full weights at the epoch
+    ends they cover."""
+    from swa_accel import SWA, SWAArguments
+
+    model = sharded_net(mesh)
+    optimizer, loader = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.05),
+                                            DataLoader(bn_data, batch_size=4))
+    args = SWAArguments(swa_method="none", snapshot_every="every_epoch", swa_start_candidates="every_epoch",
+                        swa_placement="sharded", lawa_ks="1")
+    swa = SWA(accelerator, model, optimizer, loader, args, num_epochs=3, build_model=Net, register=False,
+              verbose=False, store_dir=folder)
+    steps_per_epoch, epoch_ends = swa.plan.steps_per_epoch, []
+    for step in range(1, 3 * steps_per_epoch + 1):
+        train_step(model, optimizer, step, rank)
+        swa.step()
+        full = full_params(model)  # (every rank: a collective)
+        if step % steps_per_epoch == 0:
+            epoch_ends.append({k: v.double() for k, v in full.items()})
+    result = {"store_only": swa.store_only, "rates": [g["lr"] for g in optimizer.param_groups],
+              "placement": swa.placement.name, "candidates": swa.averager.candidate_names()}
+    swa.averager.store.wait()
+    result["files"] = all_ranks(sorted(p.name for p in folder.glob(f"*.rank{rank}.safetensors")))
+    result["vs_reference"] = {}
+    for name, first in (("swa_from_epoch_0", 0), ("swa_from_epoch_1", 1), ("lawa_last_1", 2)):
+        with swapped_in(swa.averager, model, name):
+            built = gather_full_state(swa.averager, model, rank)
+        if rank == 0:
+            mean = {k: torch.stack([weights[k] for weights in epoch_ends[first:]]).mean(0) for k in epoch_ends[0]}
+            result["vs_reference"][name] = max_diff(built, mean)
     return result
 
 

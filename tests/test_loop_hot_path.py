@@ -1,6 +1,7 @@
 """The training loop's hot path: no host-device sync between logging steps, and a compiled model end to end."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -69,8 +70,12 @@ def test_a_compiled_model_trains_averages_exports_and_resumes(tmp_path):
     swa_final = next(r for r in read_metrics(straight / "metrics.jsonl") if r.get("final") and r["model"] == "swa")
     assert swa_final["n_averaged"] == 8 and swa_final["accuracy"] > 0.15
 
-    launch(SCRIPT, args(resumed, "--stop_after_step", "13"), **compiled)
-    launch(SCRIPT, args(resumed, "--resume_from_checkpoint", "latest"), **compiled)
+    # The run's folder without its final export and last checkpoint: resumed from its checkpoint at step 15.
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step_00000020")
+    result = launch(SCRIPT, args(resumed, "--resume_from_checkpoint", "latest"), **compiled)
+    assert "resumed from" in result.stdout and "step_00000015" in result.stdout
     assert_same_final_weights(straight, resumed)
 
 

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from swa_accel import SWA, ConfigError, SWAArguments
 from tests.helpers.launch import CONFIGS, ROOT, launch
+from tests.helpers.own_loop import (OWN_LOOP, assert_averages_its_snapshots_and_recomputes_bn,
+                                     own_loop_args)
 
-OWN_LOOP = ROOT / "recipes" / "own_loop.py"
 
 
 def fresh_accelerator(**kwargs) -> Accelerator:
@@ -137,17 +138,26 @@ def test_a_launch_that_started_fewer_processes_than_asked_is_named():
     assert result.stdout.splitlines()[-1] == "built with 1 process(es)"
 
 
-def test_a_two_process_shuffled_loop_resumes_bit_identically(tmp_path):
-    """own_loop.py: seedable shuffle and set_epoch, save_state each epoch; stopped after epoch 2 of 3 and
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """The own-loop example on 2 processes, straight through (PYTHONPATH as after `pip install -e .`)."""
+    out = tmp_path_factory.mktemp("own_loop") / "whole"
+    result = launch(OWN_LOOP, own_loop_args(out, 16), num_processes=2, env={"PYTHONPATH": str(ROOT)})
+    return out, result
+
+
+def test_the_own_loop_example_on_two_processes_averages_its_snapshots_and_recomputes_bn(two_process_run):
+    out, result = two_process_run
+    assert_averages_its_snapshots_and_recomputes_bn(out, result.stdout, 16)
+
+
+def test_a_two_process_shuffled_loop_resumes_bit_identically(two_process_run, tmp_path):
+    """own_loop.py: seedable shuffle and set_epoch, save_state each epoch; stopped after epoch 4 of 5 and
     resumed, its average and BN statistics equal the uninterrupted run's bit for bit."""
-    common = ["--epochs", "3", "--swa_start_epoch", "1", "--batch_size", "16"]
-    env = {"PYTHONPATH": str(ROOT)}
-    launch(OWN_LOOP, ["--output_dir", str(tmp_path / "whole"), *common], num_processes=2, env=env)
-    launch(OWN_LOOP, ["--output_dir", str(tmp_path / "split"), *common, "--stop_after_epoch", "2"],
-           num_processes=2, env=env)
-    assert not (tmp_path / "split" / "swa.safetensors").exists()  # it stopped before the end
-    resumed = launch(OWN_LOOP, ["--output_dir", str(tmp_path / "split"), *common, "--resume"], num_processes=2,
-                     env=env)
-    assert "2 snapshots averaged" in resumed.stdout
-    whole, split = (load_file(tmp_path / name / "swa.safetensors") for name in ("whole", "split"))
-    assert set(whole) == set(split) and all(torch.equal(whole[k], split[k]) for k in whole)
+    whole, split, env = two_process_run[0], tmp_path / "split", {"PYTHONPATH": str(ROOT)}
+    launch(OWN_LOOP, own_loop_args(split, 16, "--stop_after_epoch", "4"), num_processes=2, env=env)
+    assert not (split / "swa.safetensors").exists()  # it stopped before the end
+    resumed = launch(OWN_LOOP, own_loop_args(split, 16, "--resume"), num_processes=2, env=env)
+    assert "3 snapshots averaged" in resumed.stdout
+    ours, theirs = (load_file(folder / "swa.safetensors") for folder in (whole, split))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -8,11 +8,10 @@ import sys
 import tomllib
 import zipfile
 
-import pytest
-import torch
-from safetensors.torch import load_file
 
 from tests.helpers.launch import ROOT, launch
+from tests.helpers.own_loop import (OWN_LOOP, assert_averages_its_snapshots_and_recomputes_bn,
+                                     own_loop_args)
 
 
 def requirement_pins() -> dict[str, str]:
@@ -70,22 +69,9 @@ def test_the_own_loop_needs_at_most_five_lines_of_swa():
     assert 1 <= len(lines) <= 5, lines
 
 
-@pytest.mark.parametrize("processes,batch", [(1, 32), (2, 16)])
-def test_the_own_loop_example_averages_its_snapshots_and_recomputes_bn(tmp_path, monkeypatch, processes, batch):
+def test_the_own_loop_example_averages_its_snapshots_and_recomputes_bn(tmp_path, monkeypatch):
+    # (on 2 processes: tests/test_own_loop_guards.py, whose resume test shares that run)
     out = tmp_path / "own"
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # as after `pip install -e .`
-    result = launch(ROOT / "recipes" / "own_loop.py", ["--output_dir", str(out), "--epochs", "5",
-                                                         "--swa_start_epoch", "2", "--batch_size", str(batch)],
-                    num_processes=processes)
-    accuracy = float(re.search(r"swa test accuracy (\d\.\d+)", result.stdout).group(1))
-    assert accuracy > 0.85
-    assert "swa phase lr 0.05" in result.stdout  # SWALR's constant rate, set on the user's own optimizer
-    snapshots = [load_file(p) for p in sorted((out / "snapshots").glob("*.safetensors"))]
-    assert len(snapshots) == 3  # the ends of epochs 3, 4 and 5 (averaging starts after epoch 2)
-    averaged = load_file(out / "swa.safetensors")
-    for name in snapshots[0]:
-        mean = torch.stack([s[name].double() for s in snapshots]).mean(0)
-        torch.testing.assert_close(averaged[name].double(), mean, atol=1e-6, rtol=0)
-    # BN statistics are recomputed for the average (they are not any snapshot's): a real pass over the data.
-    assert int(averaged["1.num_batches_tracked"]) == -(-1400 // batch)
-    assert averaged["1.running_mean"].abs().sum() > 0
+    result = launch(OWN_LOOP, own_loop_args(out, 32))
+    assert_averages_its_snapshots_and_recomputes_bn(out, result.stdout, 32)

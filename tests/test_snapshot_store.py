@@ -12,7 +12,7 @@ from swa_accel.power_ema import (gamma_of_sigma_rel, power_decay, reconstruction
                                  sigma_rel_of_gamma)
 from swa_accel.snapshot_files import BackgroundWriter, read_tensors
 from swa_accel.snapshots import INDEX, BEMASettings, SnapshotStore
-from swa_accel.store_reader import StoreReader
+from swa_accel import StoreReader  # (as users import it)
 
 SHAPES = {"conv.weight": (4, 3, 3, 3), "fc.weight": (10, 4), "fc.bias": (10,)}
 ONE = torch.tensor(1.0)

@@ -56,16 +56,16 @@ def window_steps(plan: TrainingPlan, store_plan: StorePlan, first: int, last: in
     spe = plan.steps_per_epoch
     after, through = first * spe, last * spe
     points = set(store_plan.cut_steps) | set(store_plan.dropped_steps)
-    epochs = ", ".join(f"{step / spe:g}" for step in sorted(points))
+    epochs = _after_epochs(sorted(points), spe)
     name = window_name(first, last)
     if through > plan.total_steps or through not in points:
-        raise ConfigError(f"store_windows: {name} ends after epoch {last}, which is not a store point (points after "
-                          f"epochs {epochs}); choose ends on points or change snapshot_every")
+        raise ConfigError(f"store_windows: {name} ends after epoch {last}, which is not a store point (points "
+                          f"{epochs}); choose ends on points or change snapshot_every")
     if after <= store_plan.first_fold_after:
         return None, through
     if after not in points:
         raise ConfigError(f"store_windows: {name} starts after epoch {first}, which is not a store point (points "
-                          f"after epochs {epochs}); choose ends on points or change snapshot_every")
+                          f"{epochs}); choose ends on points or change snapshot_every")
     return after, through
 
 
@@ -139,13 +139,19 @@ def _window_points(reader, settings: dict) -> tuple[Optional[int], int]:
     return (None if after is None else reader.point_at_step(after).index), last.index
 
 
+def _after_epochs(steps, steps_per_epoch: int) -> str:
+    """"after epoch 2" or "after epochs 2, 4", the points at `steps` as a refusal names them."""
+    epochs = [f"{step / steps_per_epoch:g}" for step in steps]
+    return f"after epoch{'s' if len(epochs) != 1 else ''} {', '.join(epochs)}"
+
+
 def _check_lawa(plan: TrainingPlan, store_plan: StorePlan, k: int) -> None:
     """Refuses, before training, a LAWA over more points than the run will have."""
     points = len(store_plan.cut_steps)
     if k > points:
-        epochs = ", ".join(f"{step / plan.steps_per_epoch:g}" for step in store_plan.cut_steps)
-        raise ConfigError(f"lawa_ks: LAWA over the last {k} points, but the store has {points} in this run (after "
-                          f"epochs {epochs}); choose k up to {points} or a shorter snapshot_every")
+        epochs = _after_epochs(store_plan.cut_steps, plan.steps_per_epoch)
+        raise ConfigError(f"lawa_ks: LAWA over the last {k} points, but the store has {points} in this run "
+                          f"({epochs}); choose k up to {points} or a shorter snapshot_every")
 
 
 def _lawa_count(averager: WeightAverager, k: int):

@@ -291,17 +291,32 @@ def test_task_metrics():
     assert task_metrics("cola") == ("accuracy", "f1", "nll", "ece", "matthews_correlation")
 
 
+STORE = ("--snapshot_every", "every_4_steps", "--lawa_ks", "1,2", "--posthoc_ema_widths", "0.1", "--bema", "true",
+         "--soup", "true")
+
+
 def test_smoke_config_runs_offline(tmp_path):
     out = tmp_path / "smoke"
-    # With candidates as fractions of the budget: the SWA start (step 8), step 12, and a side EMA.
+    # With candidates as fractions of the budget: the SWA start (step 8), step 12, and a side EMA; and the snapshot
+    # store's families from points at steps 12 and 16 (a text model: no BN to recompute, a Hub-style export).
     result = launch(SCRIPT, ["--config", str(CONFIG_DIR / "smoke.yaml"), "--output_dir", str(out),
-                             "--swa_start_candidates", "0.75", "--ema_decays", "0.5"])
+                             "--swa_start_candidates", "0.75", "--ema_decays", "0.5", *STORE])
     assert "final evaluation" in result.stdout
     report = json.loads((out / "final" / "candidates.json").read_text())
     assert report["selection_split"] == "validation"
-    assert [(c["name"], c["n_averaged"]) for c in report["candidates"]] == [
-        ("swa_from_epoch_1", 4), ("swa_from_step_12", 2), ("ema_0.5", 4)]
+    assert [(c["name"], c["kind"], c["n_averaged"]) for c in report["candidates"]] == [
+        ("swa_from_epoch_1", "swa", 4), ("swa_from_step_12", "swa", 2), ("ema_0.5", "ema", 4),
+        ("lawa_last_1", "lawa", 1), ("lawa_last_2", "lawa", 2), ("posthoc_ema_0.1", "posthoc_ema", 4),
+        ("bema", "bema", 4), ("soup", "soup", 4)]
     assert {split for c in report["candidates"] for split in c["metrics"]} == {"validation", "test"}
+    candidates = {c["name"]: c for c in report["candidates"]}
+    # LAWA over the last point is the last iterate: the base model's own scores.
+    results = json.loads((out / "final" / "results.json").read_text())
+    assert candidates["lawa_last_1"]["metrics"] == results["base"]
+    # The soup starts from the best candidate on validation (the greedy rule's first ingredient).
+    ingredients = candidates.pop("soup")["settings"]["ingredients"]
+    assert ingredients[0] == min(candidates, key=lambda n: candidates[n]["metrics"]["validation"]["nll"])
+    assert "posthoc_ema_0.1" in result.stdout and "lawa_last_2" in result.stdout  # the closing table lists them
     chosen = min(report["candidates"], key=lambda c: c["metrics"]["validation"]["nll"])
     assert report["chosen"] == chosen["name"] and f"chosen: {chosen['name']}" in result.stdout
     model = AutoModelForSequenceClassification.from_pretrained(out / "final" / "swa")

@@ -199,6 +199,10 @@ def test_run_sh_test_with_a_path_runs_just_those_tests(tmp_path):
     result = run_sh(["test", str(tmp_path / "test_alone.py"), "-q", "-p", "no:cacheprovider"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:]
     assert result.stdout.strip().splitlines()[-1].startswith("1 passed")
+    # A plugin option keeps the files on the machine's workers; only -p no:xdist (or an -n) turns that off.
+    assert "bringing up nodes" in result.stdout
+    alone = run_sh(["test", str(tmp_path / "test_alone.py"), "-q", "-p", "no:xdist"], cwd=tmp_path)
+    assert alone.returncode == 0 and "bringing up nodes" not in alone.stdout, alone.stdout[-2000:]
     # Options alone still mean the whole suite.
     everything = run_sh(["test", "-q", "--collect-only", "-k", "test_run_sh_test_with_a_path"], cwd=tmp_path)
     assert "tests/test_run_sh.py::test_run_sh_test_with_a_path_runs_just_those_tests" in everything.stdout

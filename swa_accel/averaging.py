@@ -7,7 +7,8 @@ a placement's choice: `placement.MainProcessPlacement` (the main process only) o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+import contextlib
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -111,6 +112,8 @@ class WeightAverager:
         self.store: Optional[SnapshotStore] = None
         self.store_starts: dict[str, Optional[int]] = {}  # candidate -> the store point it starts after
         self.extra_candidates: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}  # the store's families
+        # A context around each candidate's build (the SWA object times them as `candidate_builds`).
+        self.build_phase: Callable[[], ContextManager] = contextlib.nullcontext
         self.extra_counts: dict[str, Callable[[], int]] = {}  # a family's own update count (a window's folds)
         # Set on the device when an update met non-finite weights (and skipped them); never reset.
         self.nonfinite_seen = torch.zeros((), dtype=torch.bool, device=placement.device)
@@ -306,6 +309,10 @@ class WeightAverager:
         """The candidate's averaged fp32 tensors on the copy-holding process (None elsewhere)."""
         if self.averaged is None:
             return None
+        with self.build_phase():
+            return self._build_candidate(name)
+
+    def _build_candidate(self, name: str) -> dict[str, torch.Tensor]:
         for decay, ema in self.emas.items():
             if name == self.ema_name(decay):
                 return ema

@@ -129,6 +129,7 @@ class SWA:
                                        args.ema_decay, args.ema_warmup, args.ema_buffers, args.ema_decay_values(),
                                        args.ema_warmup_power, args.ema_warmup_gamma, args.ema_min_decay,
                                        avg_fn=avg_fn, multi_avg_fn=multi_avg_fn)
+        self.averager.build_phase = lambda: self.phase("candidate_builds")
         self.store_dir = store_dir
         if checkpoints_kept == "accelerator":
             checkpoints_kept = getattr(getattr(accelerator, "project_configuration", None), "total_limit", None)

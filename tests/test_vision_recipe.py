@@ -222,6 +222,9 @@ def test_candidates_are_listed_and_the_chosen_one_is_exported(runs, name):
     assert report["chosen"] == best
     results = json.loads((out / "final" / "results.json").read_text())
     assert results["swa"] == candidates[best]["metrics"]
+    # The end's time: building the candidates' weights is a phase of its own within it.
+    timings = json.loads((out / "final" / "timings.json").read_text())
+    assert 0 < timings["after_loop_candidate_builds"] < timings["final_evaluation"]
     assert final_record(out, "swa", "validation")["nll"] == candidates[best]["metrics"]["validation"]["nll"]
     logged = {r["candidate"] for r in read_metrics(out / "metrics.jsonl") if r["model"] == "candidate"}
     assert logged == set(candidates)

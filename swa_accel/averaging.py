@@ -209,10 +209,11 @@ class WeightAverager:
         self._lerp(self._targets, updated, moves)
 
     @torch.no_grad()
-    def reset_to(self, model: nn.Module) -> None:
+    def reset_to(self, model: nn.Module, name: Optional[str] = None) -> None:
         """Restarts the average (and the side EMAs) from the model's current weights, as timm's `ModelEmaV3.set`:
         it holds one update from here. Candidates that began before are dropped (they were differences from the
-        old average); the store is the run's record and goes on."""
+        old average); `name`, if given, is the restarted average's own candidate. The store is the run's record and
+        goes on."""
         if self.averaged is not None:
             if model is not self._bound_model:
                 self._bind(model)
@@ -222,6 +223,8 @@ class WeightAverager:
         self.n_averaged = 1
         self.starts.clear()
         self.store_starts.clear()
+        if name is not None:
+            self.starts[name] = (0, None)  # (every update of the restarted average: the average itself)
 
     # ----- the snapshot store --------------------------------------------------------------
 

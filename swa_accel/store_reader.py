@@ -47,6 +47,13 @@ class StoreReader:
         """The folds in the segments of points after point `after` (None: from the first) through point `through`."""
         return sum(p.count for p in self.points[(-1 if after is None else after) + 1: through + 1])
 
+    def _check_point(self, argument: str, index: int) -> int:
+        """`index` if it names one of the points (a negative or larger one would silently slice another window)."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.points):
+            raise ValueError(f"snapshot store: {argument}={index!r} is not a point index; this store has "
+                             f"{len(self.points)} points, 0 to {len(self.points) - 1} (reader.points lists them)")
+        return index
+
     def weight_points(self) -> list[StorePoint]:
         return [p for p in self.points if p.weights]
 
@@ -73,6 +80,11 @@ class StoreReader:
         """The equal-weight mean of every fold after point `after` (None: from the store's start) through point
         `through`: its segments' means weighted by their counts. `tail`: a live store's uncut segment (its mean and
         count), folded after the last point."""
+        if tail is None:  # (a live store's window may end in its uncut tail, past its last point)
+            self._check_point("through", through)
+        if tail is None and after is not None and self._check_point("after", after) >= through:
+            raise ValueError(f"snapshot store: a window after point {after} through point {through} holds nothing; "
+                             "after must come before through")
         chosen = [p for p in self.points[(-1 if after is None else after) + 1: through + 1] if p.count > 0]
         parts = [(self._path("segment", p.index), p.count) for p in chosen]
         if tail is not None:
@@ -92,11 +104,15 @@ class StoreReader:
     def posthoc_ema_weights(self, sigma_rel: float, through: Optional[int] = None) -> list[tuple[Path, float]]:
         """The tracked power-EMA snapshots up to point `through` (default: the last) and their least-squares
         weights for the profile of width `sigma_rel` at that point's fold count."""
-        through = len(self.points) - 1 if through is None else through
+        if not self.points:
+            raise ValueError("posthoc_ema: the store has no point yet")
+        through = len(self.points) - 1 if through is None else self._check_point("through", through)
         gammas = self.layout.gammas  # (a bisection per tracked width: once, not per point)
         stored = [(p, i, gamma) for p in self.points[:through + 1] if p.folds > 0 for i, gamma in enumerate(gammas)]
-        if not stored:
+        if not gammas:
             raise ValueError("posthoc_ema: the store tracks no power EMA (posthoc_ema_tracked)")
+        if not stored:
+            raise ValueError(f"posthoc_ema: no fold up to point {through} (the first folds come after it)")
         weights = reconstruction_weights([p.folds for p, _, _ in stored], [g for _, _, g in stored],
                                          self.points[through].folds, gamma_of_sigma_rel(sigma_rel))
         return [(self._path(f"power{i}", p.index), float(w)) for (p, i, _), w in zip(stored, weights)]

@@ -137,6 +137,7 @@ class SWA:
                                        checkpoints_kept)
         self.dropped = set(dropped_candidates(self.plan, self.store_plan, args))
         self.steps_done = 0  # real optimizer steps so far: the one count, which the LR phase reads
+        self.reset_step: Optional[int] = None  # the step of the last `reset_average`
         self.lr_phase = None
         if args.swa_lr is not None:
             self.lr_phase = SWALRPhase(optimizer, args.swa_lr_values(), self.plan.swa_start_step,
@@ -203,10 +204,11 @@ class SWA:
         shards). The SWA phase's rate lives in the optimizer's param groups (`swa_lr.py`), so it travels with
         the optimizer's own state. Registered with accelerate by the placement: the main process's copy through
         `register_for_checkpointing`, shards through one file per rank."""
-        return {"steps_done": self.steps_done, "averager": self.averager.state_dict()}
+        return {"steps_done": self.steps_done, "reset_step": self.reset_step, "averager": self.averager.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = int(state["steps_done"])
+        self.reset_step = state.get("reset_step")
         self.averager.load_state_dict(state["averager"])
 
     # ----- during training ------------------------------------------------------------------
@@ -230,7 +232,8 @@ class SWA:
         # A candidate starting at step c averages the updates after step c: its copy is taken before them (or it is
         # the store's window from its point at c).
         for name, start in self.plan.candidates:
-            if start < global_step and name not in self.averager.starts and name not in self.dropped:
+            if (start < global_step and name not in self.averager.starts and name not in self.dropped
+                    and (self.reset_step is None or start >= self.reset_step)):  # (began before a reset: dropped)
                 with self.phase("candidate_starts"):
                     self.averager.start_candidate(name, self._store_point_at(start))
         average = stepped and (self.plan.update_after_step(global_step)
@@ -294,9 +297,19 @@ class SWA:
             self.averager.store.drop_stale_weights()
 
     def reset_average(self) -> None:
-        """Restarts the average from the model's current weights (timm's `ModelEmaV3.set`): it then holds one update.
-        Candidates that began before are dropped; the snapshot store goes on."""
-        self.averager.reset_to(self.model)
+        """Restarts the average from the model's current weights (timm's `ModelEmaV3.set`): it then holds one update,
+        and from then on it is the candidate `swa_reset_at_epoch_E` (or `swa_reset_at_step_S`). Candidates that
+        began before are dropped, those that start later begin as planned; the snapshot store and its families go
+        on (they are the run's record, not differences from the average)."""
+        self.reset_step = self.steps_done
+        self.averager.reset_to(self.model, self.reset_name())
+
+    def reset_name(self) -> Optional[str]:
+        """The restarted average's candidate name (None: never reset)."""
+        if self.reset_step is None:
+            return None
+        epochs, rest = divmod(self.reset_step, self.plan.steps_per_epoch)
+        return f"swa_reset_at_epoch_{epochs}" if rest == 0 else f"swa_reset_at_step_{self.reset_step}"
 
     # ----- the averaged model ---------------------------------------------------------------
 
@@ -410,7 +423,10 @@ class SWA:
         start = starts.get(name, self.plan.swa_start_step)
         if name in families and self.store_plan is not None:
             start = self.store_plan.first_fold_after
-        kind, settings = ("swa", {}) if name in starts else ("ema", {}) if name in decays else families[name]
+        if name == self.reset_name():
+            start = self.reset_step
+        kind, settings = (("swa", {}) if name in starts or name == self.reset_name() else ("ema", {}) if name in decays
+                          else families[name])
         if kind == "window":
             after = settings["after_epoch"] * self.plan.steps_per_epoch
             start = max(after, self.store_plan.first_fold_after)

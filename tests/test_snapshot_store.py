@@ -65,6 +65,13 @@ def test_every_window_is_the_float64_mean_of_its_snapshots(tmp_path):
         assert relative(reader.lawa(k), expected) < 1e-6
     with pytest.raises(ValueError, match="keeps the weights of 3"):
         reader.lawa(4)
+    # A point index off the store is one line naming the range (a slice would have built another window).
+    for call in (lambda: reader.window(0, 9), lambda: reader.window(-1, 2), lambda: reader.posthoc_ema(0.1, through=9),
+                 lambda: reader.posthoc_ema(0.1, through=-1)):
+        with pytest.raises(ValueError, match=r"is not a point index; this store has 8 points, 0 to 7"):
+            call()
+    with pytest.raises(ValueError, match="after must come before through"):
+        reader.window(3, 3)
     store.drop_stale_weights()  # (stale weight files go at each checkpoint and at the end)
     assert sorted(p.name for p in tmp_path.glob("weights-*")) == [
         f"weights-{i:05d}.rank0.safetensors" for i in (5, 6, 7)]

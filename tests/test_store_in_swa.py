@@ -272,7 +272,7 @@ def test_reset_restarts_the_average_from_the_current_weights(tmp_path):
     train(model, optimizer, loader, swa, 3)
     swa.reset_average()
     current = {k: v.detach().clone() for k, v in model.named_parameters()}
-    assert swa.n_averaged == 1 and swa.averager.starts == {}
+    assert swa.n_averaged == 1 and swa.averager.starts == {"swa_reset_at_epoch_3": (0, None)}
     for key, value in current.items():
         assert torch.equal(swa.averager.averaged[key], value)
     snapshots = [current]
@@ -284,6 +284,45 @@ def test_reset_restarts_the_average_from_the_current_weights(tmp_path):
         snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})
     for key in current:
         torch.testing.assert_close(swa.averager.averaged[key], torch.stack([s[key] for s in snapshots]).mean(0))
+
+
+def test_after_a_reset_the_restarted_average_is_scored_and_earlier_starts_are_dropped(tmp_path):
+    """Reset after epoch 3 of 6 with later starts every epoch and the store: the candidates are the restarted
+    average (its own name, start and count), the starts after the reset, and the store's families; none of the
+    starts that began before comes back as a copy taken after the reset. A checkpoint carries the reset."""
+    accelerator, model, optimizer, loader, swa = setup(tmp_path, **STORE)
+    epoch_ends = []
+
+    def keep_epoch_end():
+        if swa.steps_done % len(loader) == 0:
+            epoch_ends.append({k: v.detach().double().clone() for k, v in model.named_parameters()})
+            if swa.steps_done == 3 * len(loader):
+                swa.reset_average()
+
+    train(model, optimizer, loader, swa, EPOCHS, after_step=keep_epoch_end)
+    assert swa.reset_name() == "swa_reset_at_epoch_3"
+    assert list(swa.averager.starts) == ["swa_reset_at_epoch_3", "swa_from_epoch_3", "swa_from_epoch_4",
+                                         "swa_from_epoch_5"]
+    choice, _ = swa.score_candidates(validation_of(loader), "validation", "nll")
+    records = {c.name: c for c in choice.candidates}
+    assert not {"swa_from_epoch_1", "swa_from_epoch_2"} & set(records)
+    restarted = records["swa_reset_at_epoch_3"]
+    assert (restarted.kind, restarted.start_step, restarted.n_averaged) == ("swa", 3 * len(loader), 4)
+    # The restarted average: the weights at the reset and at the three epoch ends after it (float64 mean).
+    for name, epochs in (("swa_reset_at_epoch_3", range(2, 6)), ("swa_from_epoch_4", range(4, 6))):
+        built = swa.averager.candidate_tensors(name)
+        for key in built:
+            expected = torch.stack([epoch_ends[e][key] for e in epochs]).mean(0)
+            torch.testing.assert_close(built[key].double(), expected, rtol=1e-5, atol=1e-7)
+    assert records["swa_from_epoch_4"].n_averaged == 2
+    assert {"lawa_last_1", "lawa_last_2", "bema", "soup"} <= set(records)  # the store's families go on
+    # Through a checkpoint: a resumed object restores the reset step, so no earlier start comes back.
+    state = swa.state_dict()
+    *_, again = setup(tmp_path / "again", **STORE)
+    again.load_state_dict(state)
+    assert again.reset_name() == "swa_reset_at_epoch_3"
+    again.after_step(again.steps_done + 1, epoch_end=False, stepped=False)
+    assert list(again.averager.starts) == list(swa.averager.starts)
 
 
 def test_timms_ema_warmup_decay():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any, Callable, ContextManager, Optional
 
 from torch import nn
@@ -227,6 +228,11 @@ class SWA:
         """What `step` does, for a loop that counts steps and epochs itself: after optimizer step `global_step`
         (1-based). `stepped` False (an fp16 overflow skipped the step): the average does not move."""
         self.steps_done = global_step
+        if global_step == self.plan.total_steps + 1:
+            warnings.warn(f"SWA: optimizer step {global_step} is past the budget SWA was planned for "
+                          f"({self.plan.total_steps} steps, from num_epochs or max_steps): its rate schedule, later "
+                          "starts and snapshot store end there, so the store's averages miss every step after it; "
+                          "give SWA the budget the loop trains for", stacklevel=3)
         if self.lr_phase is not None:
             self.lr_phase.apply(global_step)  # the next step's rate, set now so that logs show it
         # A candidate starting at step c averages the updates after step c: its copy is taken before them (or it is

@@ -325,6 +325,16 @@ def test_after_a_reset_the_restarted_average_is_scored_and_earlier_starts_are_dr
     assert list(again.averager.starts) == list(swa.averager.starts)
 
 
+def test_training_past_the_planned_budget_says_so_once(tmp_path):
+    _, model, optimizer, loader, swa = setup(tmp_path, epochs=2, snapshot_every="every_epoch", lawa_ks="1")
+    train(model, optimizer, loader, swa, 2)
+    with pytest.warns(UserWarning, match=r"^SWA: optimizer step 17 is past the budget SWA was planned for \(16 steps"
+                                         r".*miss every step after it") as caught:
+        train(model, optimizer, loader, swa, 1)
+    assert len([w for w in caught if "past the budget" in str(w.message)]) == 1
+    assert caught[0].filename == __file__  # (it points at the user's loop)
+
+
 def test_timms_ema_warmup_decay():
     # timm's ModelEmaV3.get_decay with use_warmup: 1 - (1 + step / gamma) ** -power, clamped to [min_decay, decay]
     _, model, optimizer, loader, swa = setup(None, swa_method="ema", ema_decay=0.999, ema_warmup_power=0.75,

@@ -52,7 +52,37 @@ def batches_per_epoch(train_loader, num_epochs: Optional[int], max_steps: Option
             raise ConfigError(f"num_epochs: the train loader ({type(train_loader).__name__}) has no length, so an "
                               "epoch cannot be counted; give the budget as max_steps=N (optimizer steps) and place "
                               "the SWA start with swa_start_step or swa_start_fraction") from None
-        return max_steps  # (one "epoch" is then the whole budget: epoch-based settings are refused by the plan)
+        return max_steps  # (one "epoch" is then the whole budget: `refuse_epochs_without_length` refuses settings in epochs)
+
+
+def refuse_epochs_without_length(train_loader, args) -> None:
+    """Refuses settings counted in epochs when the loader has no length (an iterable dataset): the plan's one
+    "epoch" is then the whole budget, so each would silently span it (one average at the end, an anneal as long as
+    the run, a single store point)."""
+    try:
+        len(train_loader)
+        return
+    except TypeError:
+        pass
+    from .arguments import store_cadence
+
+    cadence = store_cadence(args.snapshot_every) if args.snapshot_every is not None else None
+    in_epochs = [
+        ("swa_start_epoch", args.swa_start_epoch is not None, "place the start with swa_start_step or "
+         "swa_start_fraction"),
+        ("swa_update_every_steps", args.swa_method == "swa" and args.swa_update_every_steps is None,
+         "its default averages at epoch ends; set swa_update_every_steps=N"),
+        ("swa_anneal_steps", args.swa_lr is not None and args.swa_anneal_steps is None,
+         "its default anneals over one epoch; set swa_anneal_steps=N (0: none)"),
+        ("swa_start_candidates", args.start_candidates_spec()[0] in ("every_epoch", "epochs"),
+         "give fractions of the budget (0.8,0.9)"),
+        ("snapshot_every", cadence is not None and cadence[1] == "epochs", "use every_N_steps"),
+        ("store_windows", args.store_windows is not None, "build windows after the run with StoreReader.window"),
+    ]
+    for name, counted_in_epochs, fix in in_epochs:
+        if counted_in_epochs:
+            raise ConfigError(f"{name}: the train loader ({type(train_loader).__name__}) has no length, so it has "
+                              f"no epochs to count in; {fix}")
 
 
 def refuse_lone_processes(accelerator, environ=os.environ) -> None:

@@ -32,7 +32,8 @@ from .batchnorm import bn_loader_from
 from .candidates import Candidate, Choice, choose
 from .arguments import SWAArguments
 from .errors import ConfigError
-from .loop_checks import (batches_per_epoch, launch_warning, refuse_lone_processes, refuse_unprepared,
+from .loop_checks import (batches_per_epoch, launch_warning, refuse_epochs_without_length,
+                          refuse_lone_processes, refuse_unprepared,
                           resume_order_warning)
 from .plan_report import plan_line, plan_warnings
 from .timeline import TrainingPlan, plan_run
@@ -109,8 +110,11 @@ class SWA:
         refuse_unprepared(train_loader, optimizer)
         self.accelerator, self.model, self.args = accelerator, model, args
         self.train_loader, self.seed, self.phase = train_loader, seed, phase
-        self.plan = plan or plan_run(batches_per_epoch(train_loader, num_epochs, max_steps), args, num_epochs,
-                                     max_steps, accelerator.gradient_accumulation_steps)
+        if plan is None:
+            steps_per_epoch = batches_per_epoch(train_loader, num_epochs, max_steps)
+            refuse_epochs_without_length(train_loader, args)
+            plan = plan_run(steps_per_epoch, args, num_epochs, max_steps, accelerator.gradient_accumulation_steps)
+        self.plan = plan
         deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
         fsdp = getattr(accelerator.state, "fsdp_plugin", None)
         try:

@@ -92,6 +92,30 @@ def test_a_loader_without_a_length_needs_a_step_budget():
     assert swa.steps_done == 8 and swa.n_averaged == 4  # after steps 5, 6, 7 and 8
 
 
+@pytest.mark.parametrize(("option", "settings", "fix"), [
+    ("swa_start_epoch", dict(swa_start_epoch=1, swa_update_every_steps=1), "swa_start_step or swa_start_fraction"),
+    ("swa_update_every_steps", dict(swa_start_step=4), "averages at epoch ends; set swa_update_every_steps=N"),
+    ("swa_anneal_steps", dict(swa_start_step=4, swa_update_every_steps=1, swa_lr=0.05), "anneals over one epoch"),
+    ("swa_start_candidates", dict(swa_start_step=4, swa_update_every_steps=1, swa_start_candidates="every_epoch"),
+     "fractions of the budget"),
+    ("snapshot_every", dict(swa_start_step=4, swa_update_every_steps=1, snapshot_every="every_epoch"),
+     "use every_N_steps"),
+])
+def test_a_loader_without_a_length_refuses_settings_counted_in_epochs(tmp_path, option, settings, fix):
+    """Its one "epoch" is the whole budget: each would span the run (one average, one store point) without a word."""
+    accelerator = fresh_accelerator()
+    model, optimizer, loader = accelerator.prepare(*parts(dataset=Stream()))
+    with pytest.raises(ConfigError, match=rf"^{option}: the train loader \(\w+\) has no length, so it has no epochs "
+                                          rf"to count in; .*{fix}"):
+        SWA(accelerator, model, optimizer, loader, SWAArguments(**settings), max_steps=8, store_dir=tmp_path)
+    # The same in steps runs: points every 4 steps, averaging every step.
+    swa = SWA(accelerator, model, optimizer, loader, SWAArguments(swa_start_step=4, swa_update_every_steps=1,
+                                                                  swa_lr=0.05, swa_anneal_steps=0,
+                                                                  snapshot_every="every_4_steps"),
+              max_steps=8, store_dir=tmp_path / "store", verbose=False)
+    assert swa.store_plan.cut_steps == (8,) and swa.plan.update_after_step(5)
+
+
 def test_the_plan_and_its_warnings_are_printed_once_and_can_be_silenced(capsys):
     accelerator = fresh_accelerator()
     model, optimizer, loader = accelerator.prepare(*parts())

@@ -130,7 +130,11 @@ class SnapshotStore:
         if len(set(sigma_rels)) != len(sigma_rels):
             raise ValueError(f"posthoc_ema_tracked: the tracked widths must differ, got {list(sigma_rels)}")
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # (a file in the way, a read-only place: before training, not at the first point)
+            raise ConfigError(f"store_dir: cannot make the snapshot store's folder {self.folder} "
+                              f"({error.strerror or error})") from None
         self.rank, self.device = rank, device
         self.layout = StoreLayout(sigma_rels=[float(s) for s in sigma_rels],
                                   bema=None if bema is None else asdict(bema),

@@ -233,6 +233,10 @@ def test_the_store_needs_a_folder_and_its_options_need_the_store(tmp_path):
         SWAArguments(snapshot_every="weekly")
     with pytest.raises(ConfigError, match="two or more different widths"):
         SWAArguments(snapshot_every="every_epoch", posthoc_ema_tracked="0.1")
+    (tmp_path / "snapshots").write_text("a file where the store's folder goes")
+    with pytest.raises(ConfigError, match=r"^store_dir: cannot make the snapshot store's folder .*/snapshots \(File "
+                                          r"exists\)$"):
+        setup(tmp_path, snapshot_every="every_epoch")
 
 
 @pytest.mark.parametrize("form", ["avg_fn", "multi_avg_fn"])

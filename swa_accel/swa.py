@@ -39,7 +39,8 @@ from .plan_report import plan_line, plan_warnings
 from .timeline import TrainingPlan, plan_run
 from .sharded import ShardedPlacement
 from .soup import greedy_soup
-from .store_families import attach_store, dropped_candidates, family_names, lawa_start_step
+from .store_families import (attach_store, dropped_candidates, family_names, lawa_start_step,
+                             posthoc_ema_warnings)
 from .swa_lr import SWALRPhase
 
 #: `bn_loader(full_pass)`: a factory of this rank's loader for one BN pass (capped unless `full_pass`).
@@ -180,7 +181,7 @@ class SWA:
             lines.append(f"snapshot_disk_budget_mb: {self.args.snapshot_disk_budget_mb:g} MB keeps {len(cuts)} of "
                          f"{len(cuts) + len(self.store_plan.dropped_steps)} points; dropped candidates: "
                          f"{', '.join(sorted(self.dropped)) or 'none (no start fell on a dropped point)'}")
-        return lines
+        return lines + posthoc_ema_warnings(self.store_plan, self.plan.steps_per_epoch, self.args)
 
     def _copy_of_model(self) -> nn.Module:
         return copy.deepcopy(self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False))

@@ -330,6 +330,25 @@ def test_after_a_reset_the_restarted_average_is_scored_and_earlier_starts_are_dr
     assert list(again.averager.starts) == list(swa.averager.starts)
 
 
+def test_a_posthoc_width_that_few_points_reconstruct_shrunk_is_named_before_training(tmp_path):
+    """EDM2's least squares (as ema-pytorch's) does not make the weights sum to 1: from 5 points tracking 0.05 and
+    0.1, width 0.2 comes out scaled. The plan's warning gives the sum the finished store's reader then uses."""
+    from swa_accel.store_families import posthoc_ema_weight_sums
+
+    _, model, optimizer, loader, swa = setup(tmp_path, **STORE)
+    warnings = [line for line in swa.store_lines() if line.startswith("warning: posthoc_ema_widths")]
+    planned = posthoc_ema_weight_sums(swa.store_plan, swa.plan.steps_per_epoch, swa.args)
+    assert [w for w, total in planned.items() if abs(total - 1) > 0.01] == [0.2]
+    assert warnings == [f"warning: posthoc_ema_widths 0.2: from 5 points tracking 0.05,0.1, its least-squares "
+                        f"weights sum to {planned[0.2]:.3f}, so that average is scaled by it, not a true average; "
+                        "keep more points (a shorter snapshot_every) or track a width near it (posthoc_ema_tracked)"]
+    train(model, optimizer, loader, swa, EPOCHS)
+    reader = swa.averager.store_reader()
+    assert [p.folds for p in reader.points] == swa.store_plan.folds_at_points(swa.plan.steps_per_epoch)
+    for width, total in planned.items():
+        assert sum(weight for _, weight in reader.posthoc_ema_weights(width)) == pytest.approx(total, abs=1e-9)
+
+
 def test_training_past_the_planned_budget_says_so_once(tmp_path):
     _, model, optimizer, loader, swa = setup(tmp_path, epochs=2, snapshot_every="every_epoch", lawa_ks="1")
     train(model, optimizer, loader, swa, 2)

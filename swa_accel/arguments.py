@@ -192,7 +192,8 @@ class SWAArguments:
             raise ConfigError(f"snapshot_disk_budget_mb: must be > 0, got {self.snapshot_disk_budget_mb}")
         if self.snapshot_every is None:
             for name, used in (("lawa_ks", self.lawa_ks), ("bema", self.bema), ("store_windows", self.store_windows),
-                               ("snapshot_disk_budget_mb", self.snapshot_disk_budget_mb)):
+                               ("snapshot_disk_budget_mb", self.snapshot_disk_budget_mb),
+                               ("snapshot_from", self.snapshot_from != "swa_start")):
                 if used:
                     raise ConfigError(f"{name}: built from the snapshot store; set snapshot_every (e.g. every_epoch)")
         elif self.swa_method == "ema":

@@ -229,6 +229,8 @@ def test_the_store_needs_a_folder_and_its_options_need_the_store(tmp_path):
         setup(None, snapshot_every="every_epoch")
     with pytest.raises(ConfigError, match="lawa_ks: built from the snapshot store"):
         SWAArguments(lawa_ks="3")
+    with pytest.raises(ConfigError, match="snapshot_from: built from the snapshot store"):
+        SWAArguments(snapshot_from="start")
     with pytest.raises(ConfigError, match="snapshot_every: must be every_epoch"):
         SWAArguments(snapshot_every="weekly")
     with pytest.raises(ConfigError, match="two or more different widths"):

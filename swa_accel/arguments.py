@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from .errors import ConfigError
@@ -191,9 +191,12 @@ class SWAArguments:
         if self.snapshot_disk_budget_mb is not None and not self.snapshot_disk_budget_mb > 0:
             raise ConfigError(f"snapshot_disk_budget_mb: must be > 0, got {self.snapshot_disk_budget_mb}")
         if self.snapshot_every is None:
+            defaults = {f.name: f.default for f in fields(self)}
             for name, used in (("lawa_ks", self.lawa_ks), ("bema", self.bema), ("store_windows", self.store_windows),
                                ("snapshot_disk_budget_mb", self.snapshot_disk_budget_mb),
-                               ("snapshot_from", self.snapshot_from != "swa_start")):
+                               ("snapshot_from", self.snapshot_from != "swa_start"),
+                               *((name, getattr(self, name) not in (None, _floats(name, defaults[name], "")))
+                                 for name in ("posthoc_ema_tracked", "posthoc_ema_widths"))):
                 if used:
                     raise ConfigError(f"{name}: built from the snapshot store; set snapshot_every (e.g. every_epoch)")
         elif self.swa_method == "ema":

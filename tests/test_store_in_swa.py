@@ -231,6 +231,11 @@ def test_the_store_needs_a_folder_and_its_options_need_the_store(tmp_path):
         SWAArguments(lawa_ks="3")
     with pytest.raises(ConfigError, match="snapshot_from: built from the snapshot store"):
         SWAArguments(snapshot_from="start")
+    with pytest.raises(ConfigError, match="posthoc_ema_widths: built from the snapshot store"):
+        SWAArguments(posthoc_ema_widths="0.07")
+    with pytest.raises(ConfigError, match="posthoc_ema_tracked: built from the snapshot store"):
+        SWAArguments(posthoc_ema_tracked="0.05,0.2")
+    SWAArguments(posthoc_ema_tracked="none", posthoc_ema_widths="0.02,0.05,0.1,0.15,0.2")  # (off, or the defaults)
     with pytest.raises(ConfigError, match="snapshot_every: must be every_epoch"):
         SWAArguments(snapshot_every="weekly")
     with pytest.raises(ConfigError, match="two or more different widths"):

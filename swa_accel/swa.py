@@ -233,7 +233,7 @@ class SWA:
         """What `step` does, for a loop that counts steps and epochs itself: after optimizer step `global_step`
         (1-based). `stepped` False (an fp16 overflow skipped the step): the average does not move."""
         self.steps_done = global_step
-        if global_step == self.plan.total_steps + 1:
+        if global_step == self.plan.total_steps + 1 and self.accelerator.is_main_process:
             warnings.warn(f"SWA: optimizer step {global_step} is past the budget SWA was planned for "
                           f"({self.plan.total_steps} steps, from num_epochs or max_steps): its rate schedule, later "
                           "starts and snapshot store end there, so the store's averages miss every step after it; "

@@ -140,7 +140,8 @@ if [[ "${1:-}" == "test" ]]; then
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   mapfile -t PYTEST_ARGS < <(test_args "$@")
   # Test files run side by side on the machine's cores (at most 4; each file's tests stay in one worker, which
-  # runs its shared fixtures once). `-n 0` (or any -n) on the command line wins, and -p no:xdist turns it off (other -p options keep it).
+  # runs its shared fixtures once). `-n 0` (or any -n) on the command line wins, and -p no:xdist turns it off
+  # (other -p options keep it).
   if ! printf '%s\n' "$@" | grep -qE '^(-n|--numprocesses)|no:xdist'; then
     workers="$(nproc 2>/dev/null || echo 1)"
     PYTEST_ARGS=(-n "$(( workers < 4 ? workers : 4 ))" --dist loadfile "${PYTEST_ARGS[@]}")

@@ -39,31 +39,24 @@ def refuse_unprepared(train_loader, optimizer) -> None:
         raise ConfigError(f"optimizer: a {type(optimizer).__name__} that accelerator.prepare has not returned; {fix}")
 
 
-def batches_per_epoch(train_loader, num_epochs: Optional[int], max_steps: Optional[int]) -> int:
-    """The loader's length, for placing epochs in the plan.
+def batches_per_epoch(train_loader, num_epochs: Optional[int], max_steps: Optional[int], args) -> int:
+    """The loader's length, for placing epochs in the plan; without one, `max_steps` (one "epoch" is then the whole
+    budget).
 
     Raises:
-        ConfigError: the loader has no length (an iterable dataset) and the budget is in epochs.
+        ConfigError: the loader has no length (an iterable dataset) and the budget, or a setting of `args`
+            (`SWAArguments`), is counted in epochs: each would silently span the whole run (one average at the end,
+            an anneal as long as the run, a single store point).
     """
     try:
         return len(train_loader)
     except TypeError:
-        if max_steps is None:
-            raise ConfigError(f"num_epochs: the train loader ({type(train_loader).__name__}) has no length, so an "
-                              "epoch cannot be counted; give the budget as max_steps=N (optimizer steps) and place "
-                              "the SWA start with swa_start_step or swa_start_fraction") from None
-        return max_steps  # (one "epoch" is then the whole budget: `refuse_epochs_without_length` refuses settings in epochs)
-
-
-def refuse_epochs_without_length(train_loader, args) -> None:
-    """Refuses settings counted in epochs when the loader has no length (an iterable dataset): the plan's one
-    "epoch" is then the whole budget, so each would silently span it (one average at the end, an anneal as long as
-    the run, a single store point)."""
-    try:
-        len(train_loader)
-        return
-    except TypeError:
         pass
+    loader = type(train_loader).__name__
+    if max_steps is None:
+        raise ConfigError(f"num_epochs: the train loader ({loader}) has no length, so an epoch cannot be counted; "
+                          "give the budget as max_steps=N (optimizer steps) and place the SWA start with "
+                          "swa_start_step or swa_start_fraction")
     from .arguments import store_cadence
 
     cadence = store_cadence(args.snapshot_every) if args.snapshot_every is not None else None
@@ -81,8 +74,9 @@ def refuse_epochs_without_length(train_loader, args) -> None:
     ]
     for name, counted_in_epochs, fix in in_epochs:
         if counted_in_epochs:
-            raise ConfigError(f"{name}: the train loader ({type(train_loader).__name__}) has no length, so it has "
-                              f"no epochs to count in; {fix}")
+            raise ConfigError(f"{name}: the train loader ({loader}) has no length, so it has no epochs to count in; "
+                              f"{fix}")
+    return max_steps
 
 
 def refuse_lone_processes(accelerator, environ=os.environ) -> None:

@@ -81,3 +81,12 @@ def reconstruction_weights(snapshot_t: Sequence[float], snapshot_gamma: Sequence
                           torch.tensor(float(target_gamma), dtype=torch.float64))
     # (Snapshots of nearby widths at the same t are nearly collinear: least squares rather than a plain solve.)
     return torch.linalg.lstsq(gram, target[:, None], driver="gelsd").solution[:, 0]
+
+
+def weights_at_points(point_folds: Sequence[int], tracked_gammas: Sequence[float], target_folds: int,
+                      sigma_rel: float) -> torch.Tensor:
+    """`reconstruction_weights` for a store's snapshots: every tracked EMA at each point (point by point, the tracked
+    exponents within a point, as the store names them), for width `sigma_rel` at `target_folds` updates."""
+    return reconstruction_weights([t for t in point_folds for _ in tracked_gammas],
+                                  [g for _ in point_folds for g in tracked_gammas], target_folds,
+                                  gamma_of_sigma_rel(sigma_rel))

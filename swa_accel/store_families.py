@@ -21,7 +21,7 @@ from torch import nn
 from .arguments import SWAArguments
 from .averaging import WeightAverager
 from .errors import ConfigError
-from .power_ema import gamma_of_sigma_rel, reconstruction_weights
+from .power_ema import gamma_of_sigma_rel, weights_at_points
 from .snapshots import BEMASettings, SnapshotStore
 from .store_plan import StorePlan, plan_store
 from .timeline import TrainingPlan
@@ -202,29 +202,32 @@ def dropped_candidates(plan: TrainingPlan, store_plan: Optional[StorePlan], args
     return dropped
 
 
+
 def posthoc_ema_weight_sums(store_plan: StorePlan, steps_per_epoch: int, args: SWAArguments) -> dict[float, float]:
     """Each asked post-hoc EMA width's least-squares weights summed, at the run's last point, from the plan alone.
 
     The solve (EDM2's, as ema-pytorch's) does not make them sum to 1: from few points, a width far from the tracked
     ones comes out shrunk toward zero (e.g. 0.96 for 0.2 from 6 points tracking 0.05 and 0.1; 0.996 from 15)."""
-    if not args.posthoc_ema_tracked or not args.posthoc_ema_widths:
-        return {}
-    folds = [f for f in store_plan.folds_at_points(steps_per_epoch) if f > 0]
-    if not folds:
-        return {}
-    gammas = [gamma_of_sigma_rel(s) for s in args.posthoc_ema_tracked]
-    stored_t = [t for t in folds for _ in gammas]
-    stored_gamma = [g for _ in folds for g in gammas]
-    return {width: float(reconstruction_weights(stored_t, stored_gamma, folds[-1], gamma_of_sigma_rel(width)).sum())
-            for width in args.posthoc_ema_widths}
+    return _weight_sums(_folded_points(store_plan, steps_per_epoch), args)
 
 
 def posthoc_ema_warnings(store_plan: StorePlan, steps_per_epoch: int, args: SWAArguments) -> list[str]:
     """One line per post-hoc EMA width that the run's points reconstruct more than 1% shrunk or inflated."""
-    sums = posthoc_ema_weight_sums(store_plan, steps_per_epoch, args)
-    points = len([f for f in store_plan.folds_at_points(steps_per_epoch) if f > 0])
+    folds = _folded_points(store_plan, steps_per_epoch)
     tracked = ",".join(f"{s:g}" for s in args.posthoc_ema_tracked or ())
-    return [f"warning: posthoc_ema_widths {width:g}: from {points} points tracking {tracked}, its least-squares "
+    return [f"warning: posthoc_ema_widths {width:g}: from {len(folds)} points tracking {tracked}, its least-squares "
             f"weights sum to {total:.3f}, so that average is scaled by it, not a true average; keep more points "
             "(a shorter snapshot_every) or track a width near it (posthoc_ema_tracked)"
-            for width, total in sums.items() if abs(total - 1.0) > 0.01]
+            for width, total in _weight_sums(folds, args).items() if abs(total - 1.0) > 0.01]
+
+
+def _folded_points(store_plan: StorePlan, steps_per_epoch: int) -> list[int]:
+    """The fold counts of the points that will hold any (the reader skips the others)."""
+    return [f for f in store_plan.folds_at_points(steps_per_epoch) if f > 0]
+
+
+def _weight_sums(folds: list[int], args: SWAArguments) -> dict[float, float]:
+    if not args.posthoc_ema_tracked or not args.posthoc_ema_widths or not folds:
+        return {}
+    gammas = [gamma_of_sigma_rel(s) for s in args.posthoc_ema_tracked]
+    return {width: float(weights_at_points(folds, gammas, folds[-1], width).sum()) for width in args.posthoc_ema_widths}

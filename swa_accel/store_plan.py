@@ -34,20 +34,12 @@ class StorePlan:
             return epoch_end
         return (step - self.anchor) % self.update_every_steps == 0
 
-    def folds_through(self, step: int) -> int:
-        """How many folds the store holds after optimizer step `step` (ahead of training: from the plan alone)."""
-        if step <= self.first_fold_after:
-            return 0
-        if self.update_every_steps is None:  # (epoch ends: steps_per_epoch is the anchor's unit then)
-            raise ValueError("folds_through: epoch-end folds need the steps per epoch; use folds_at_points")
-        every = self.update_every_steps
-        return (step - self.anchor) // every - (self.first_fold_after - self.anchor) // every
-
     def folds_at_points(self, steps_per_epoch: int) -> list[int]:
-        """The fold count at each kept point, as the run will have it."""
-        if self.update_every_steps is not None:
-            return [self.folds_through(step) for step in self.cut_steps]
-        return [step // steps_per_epoch - self.first_fold_after // steps_per_epoch for step in self.cut_steps]
+        """The fold count at each kept point, as the run will have it (from the plan alone, as `fold_due` counts)."""
+        if self.update_every_steps is None:  # (epoch ends)
+            return [step // steps_per_epoch - self.first_fold_after // steps_per_epoch for step in self.cut_steps]
+        every, anchor = self.update_every_steps, self.anchor
+        return [max(0, (step - anchor) // every - (self.first_fold_after - anchor) // every) for step in self.cut_steps]
 
     def cut_due(self, step: int) -> bool:
         return step in self._cuts

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .power_ema import gamma_of_sigma_rel, reconstruction_weights
+from .power_ema import weights_at_points
 from .snapshot_files import read_tensors
 from .snapshots import INDEX, BEMASettings, StoreLayout, StorePoint, file_name
 
@@ -108,14 +108,14 @@ class StoreReader:
             raise ValueError("posthoc_ema: the store has no point yet")
         through = len(self.points) - 1 if through is None else self._check_point("through", through)
         gammas = self.layout.gammas  # (a bisection per tracked width: once, not per point)
-        stored = [(p, i, gamma) for p in self.points[:through + 1] if p.folds > 0 for i, gamma in enumerate(gammas)]
         if not gammas:
             raise ValueError("posthoc_ema: the store tracks no power EMA (posthoc_ema_tracked)")
-        if not stored:
+        points = [p for p in self.points[:through + 1] if p.folds > 0]
+        if not points:
             raise ValueError(f"posthoc_ema: no fold up to point {through} (the first folds come after it)")
-        weights = reconstruction_weights([p.folds for p, _, _ in stored], [g for _, _, g in stored],
-                                         self.points[through].folds, gamma_of_sigma_rel(sigma_rel))
-        return [(self._path(f"power{i}", p.index), float(w)) for (p, i, _), w in zip(stored, weights)]
+        weights = weights_at_points([p.folds for p in points], gammas, self.points[through].folds, sigma_rel)
+        files = [self._path(f"power{i}", p.index) for p in points for i in range(len(gammas))]
+        return [(path, float(w)) for path, w in zip(files, weights)]
 
     def posthoc_ema(self, sigma_rel: float, through: Optional[int] = None, device=None) -> dict[str, torch.Tensor]:
         """The power-function EMA of width `sigma_rel` at point `through` (default: the last), reconstructed."""

@@ -32,8 +32,7 @@ from .batchnorm import bn_loader_from
 from .candidates import Candidate, Choice, choose
 from .arguments import SWAArguments
 from .errors import ConfigError
-from .loop_checks import (batches_per_epoch, launch_warning, refuse_epochs_without_length,
-                          refuse_lone_processes, refuse_unprepared,
+from .loop_checks import (batches_per_epoch, launch_warning, refuse_lone_processes, refuse_unprepared,
                           resume_order_warning)
 from .plan_report import plan_line, plan_warnings
 from .timeline import TrainingPlan, plan_run
@@ -111,11 +110,8 @@ class SWA:
         refuse_unprepared(train_loader, optimizer)
         self.accelerator, self.model, self.args = accelerator, model, args
         self.train_loader, self.seed, self.phase = train_loader, seed, phase
-        if plan is None:
-            steps_per_epoch = batches_per_epoch(train_loader, num_epochs, max_steps)
-            refuse_epochs_without_length(train_loader, args)
-            plan = plan_run(steps_per_epoch, args, num_epochs, max_steps, accelerator.gradient_accumulation_steps)
-        self.plan = plan
+        self.plan = plan or plan_run(batches_per_epoch(train_loader, num_epochs, max_steps, args), args, num_epochs,
+                                     max_steps, accelerator.gradient_accumulation_steps)
         deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
         fsdp = getattr(accelerator.state, "fsdp_plugin", None)
         try:
@@ -434,9 +430,10 @@ class SWA:
         start = starts.get(name, self.plan.swa_start_step)
         if name in families and self.store_plan is not None:
             start = self.store_plan.first_fold_after
-        if name == self.reset_name():
+        restarted = name == self.reset_name()
+        if restarted:
             start = self.reset_step
-        kind, settings = (("swa", {}) if name in starts or name == self.reset_name() else ("ema", {}) if name in decays
+        kind, settings = (("swa", {}) if name in starts or restarted else ("ema", {}) if name in decays
                           else families[name])
         if kind == "window":
             after = settings["after_epoch"] * self.plan.steps_per_epoch
